@@ -1,0 +1,342 @@
+"""Stage one's backbones: decoded frames in, channels-last spatial feature maps out.
+
+A `Backbone` turns a batch of uint8 RGB frames into float32 maps [n_steps, h, w, C] and says exactly what
+produced them (`provenance`), so a feature store can refuse to mix features of different models, weights or
+preprocessing. The torchvision ResNets are cut after `layer4` (7x7 maps at 224 px, one time step per frame);
+other models (an I3D, whose time step is a window of frames) plug in through `register_backbone`.
+
+Weights are torchvision's ImageNet weights (read from the torch hub cache; downloaded, with a timeout, only
+when absent), a local state-dict file, or a seeded random init (`"none"`).
+Set VIDSHIFT_OFFLINE=1 on machines without network to fail at once, with instructions, instead of trying.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+from torchvision.transforms.v2 import functional as TF
+
+OFFLINE_ENV = "VIDSHIFT_OFFLINE"
+DOWNLOAD_TIMEOUT_S = 30  # per connect/read; a slow download still finishes, a black-holed one fails
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Frames -> network input: resize the shorter side (bilinear, antialiased), centre-crop, /255, mean/std."""
+
+    frame_size: int = 224  # centre-crop side
+    resize: int = 256  # the shorter side is resized to this before the crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.frame_size <= self.resize:
+            raise ValueError(f"Preprocess: need 0 < frame_size <= resize so the crop fits in the resized frame, "
+                             f"got frame_size={self.frame_size}, resize={self.resize}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"Preprocess: mean and std need one value per RGB channel and std > 0, "
+                             f"got mean={self.mean}, std={self.std}")
+
+    def as_dict(self) -> dict:
+        # Lists rather than tuples, so the dict still compares equal after a JSON round trip (store attributes).
+        return {"method": "resize shorter side (bilinear, antialias), centre crop, /255, (x - mean) / std",
+                "frame_size": self.frame_size, "resize": self.resize,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Identity of a set of weights, whatever file or format they came from.
+
+    sha256 over the entries in sorted key order; each entry contributes the line "name dtype shape\\n"
+    (e.g. "conv1.weight torch.float32 (64, 3, 7, 7)\\n") followed by the tensor's raw bytes (C order, native
+    byte order, i.e. little-endian on every platform torch ships for). BatchNorm's `num_batches_tracked`
+    counters are skipped: they do not affect inference and older checkpoints lack them.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        if name.endswith("num_batches_tracked"):
+            continue
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class Backbone:
+    """A frozen feature extractor: uint8 RGB frames -> float32 channels-last maps on the CPU, one per time step.
+
+    `model` (eval mode, on `device`) maps normalised frames [n, 3, s, s] to maps [n, C, h, w]; its state dict
+    keeps the original (torchvision) parameter names, which is what `weights_sha256` hashes.
+    """
+
+    def __init__(self, name: str, layer: str, model: nn.Module, frames_per_step: int, weights: str,
+                 preprocess: Preprocess, device: torch.device, precision: str):
+        self.name = name
+        self.layer = layer
+        self.frames_per_step = frames_per_step
+        self.weights = weights
+        self.weights_sha256 = state_dict_sha256(model.state_dict())
+        self.preprocess = preprocess
+        self.device = device
+        self.precision = precision
+        # NHWC lets cuDNN use its fastest convolution kernels (~20-30% on ResNets); on CPU it buys nothing.
+        self.channels_last = device.type == "cuda"
+        self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.eval().to(device, memory_format=self._memory_format)
+        # One probe forward gives the exact map size for this crop, whatever the architecture's padding does.
+        with torch.inference_mode():
+            side = preprocess.frame_size
+            probe = self.model(torch.zeros(1, 3, side, side, device=device))
+        _, self.out_channels, height, width = probe.shape
+        self._map_shape = (height, width, self.out_channels)
+
+    def map_shape(self) -> tuple[int, int, int]:
+        """(h, w, C) of one time step's map for the configured preprocessing, e.g. (7, 7, 2048)."""
+        return self._map_shape
+
+    def provenance(self) -> dict:
+        """What produced the features. The device is deliberately absent: CPU and GPU runs of one model mix."""
+        return {"name": self.name, "layer": self.layer, "weights": self.weights,
+                "weights_sha256": self.weights_sha256, "preprocess": self.preprocess.as_dict(),
+                "precision": self.precision, "channels_last": self.channels_last,
+                "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+    def prepare(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 RGB frames [n, H, W, 3] (any H, W) -> normalised float32 network input [n, 3, s, s] on the device."""
+        if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
+                and frames.shape[3] == 3):
+            got = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) else type(frames)
+            raise ValueError(f"{self.name}: expected uint8 RGB frames shaped [n, H, W, 3], got {got}")
+        p = self.preprocess
+        # Resize and crop the uint8 frames on the device (the GPU when there is one): the upload is 4x smaller
+        # than float, and the permuted NHWC view is the layout uint8 resizing is fastest on.
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
+        x = TF.resize(x, [p.resize], antialias=True)
+        x = TF.center_crop(x, [p.frame_size])
+        x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(p.mean), list(p.std))
+        return x.contiguous(memory_format=self._memory_format)
+
+    @torch.inference_mode()
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 RGB frames [n, H, W, 3] -> float32 maps [n, h, w, C] on the CPU (n steps: one per frame here)."""
+        autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            maps = self.model(self.prepare(frames))
+        # Back to float32 before anything else: an fp16 overflow stays an inf the caller's finiteness check sees.
+        return maps.float().permute(0, 2, 3, 1).contiguous().cpu()
+
+    def steps(self, frame_indices: np.ndarray) -> np.ndarray:
+        """int32 [n_steps, 2]: first and last source frame of each step (consecutive windows of frames_per_step)."""
+        indices = np.asarray(frame_indices, dtype=np.int32)
+        if indices.ndim != 1 or len(indices) % self.frames_per_step:
+            raise ValueError(f"{self.name}: frame indices must be 1-D with a multiple of {self.frames_per_step} "
+                             f"entries, got shape {indices.shape}")
+        windows = indices.reshape(-1, self.frames_per_step)
+        return np.stack([windows[:, 0], windows[:, -1]], axis=1)
+
+
+# A factory builds one backbone: factory(weights=, preprocess=, device=torch.device, precision=, seed=) -> Backbone.
+# `device` and `precision` arrive already resolved and validated by build_backbone.
+BackboneFactory = Callable[..., Backbone]
+_FACTORIES: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: make `factory` buildable as `build_backbone(name, ...)`."""
+    def register(factory: BackboneFactory) -> BackboneFactory:
+        if name in _FACTORIES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _FACTORIES[name] = factory
+        return factory
+    return register
+
+
+def available_backbones() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def build_backbone(name: str, weights: str = "imagenet", preprocess: Preprocess = Preprocess(),
+                   device: str = "auto", precision: str = "auto", seed: int = 0) -> Backbone:
+    """Build a registered backbone.
+
+    weights: "imagenet" (torchvision's default ImageNet weights), "none" (random init from `seed`, identical
+    for the same seed whatever the global RNG state), or the path of a torchvision-keyed state dict.
+    device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    precision: autocast dtype, "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16" (CUDA only).
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    resolved_device = _resolve_device(device)
+    return _FACTORIES[name](weights=weights, preprocess=preprocess, device=resolved_device,
+                            precision=_resolve_precision(precision, resolved_device), seed=seed)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not valid; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but this torch ({torch.__version__}) sees no CUDA GPU; "
+                         f"use 'cpu' or 'auto'")
+    return resolved
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision {precision!r} is not one of: auto, {', '.join(AUTOCAST_DTYPES)}")
+    if device.type == "cpu" and precision != "fp32":
+        raise ValueError(f"precision {precision!r} is not offered on CPU: most CPUs have no fast {precision} "
+                         f"convolutions, so it would be slower than fp32 and less accurate. Use 'fp32' or 'auto' "
+                         f"(the store's --dtype decides how features are saved, independently of this)")
+    return precision
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict (or {"state_dict": ...}) from a file, refusing anything that is not plain named tensors."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; weights must be 'imagenet', 'none' or "
+                                f"the path of a state dict saved with torch.save(model.state_dict(), path)")
+    try:
+        # weights_only: arbitrary pickled objects are refused rather than unpickled (which could run code).
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises UnpicklingError, KeyError, RuntimeError... by what the file holds
+        raise ValueError(f"weights file {path} is not a plain state dict: torch.load(weights_only=True) refused "
+                         f"it ({type(error).__name__}). Save weights with torch.save(model.state_dict(), path)"
+                         ) from error
+    if isinstance(loaded, dict) and "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    if not (isinstance(loaded, dict) and loaded
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())):
+        raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict of named tensors; "
+                         f"save weights with torch.save(model.state_dict(), path)")
+    return loaded
+
+
+def _imagenet_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
+    """torchvision's weights from the torch hub cache, where torchvision itself keeps them; downloaded if absent."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not cached.is_file():
+        _download(weights, cached)
+    return _read_state_dict(cached)
+
+
+def _download(weights: WeightsEnum, destination: Path) -> None:
+    def not_available(reason: str) -> RuntimeError:
+        return RuntimeError(
+            f"ImageNet weights {weights!r} are not in the torch hub cache and {reason}. Download {weights.url} "
+            f"on a machine with network and put it at {destination} (the cache is $TORCH_HOME/hub/checkpoints; "
+            f"set TORCH_HOME to use another directory), or pass the path of a local state dict as the weights.")
+
+    if os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
+        raise not_available(f"{OFFLINE_ENV} is set, so downloading is not attempted")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # torchvision's file names carry a prefix of the file's sha256, which torch checks after downloading.
+    hash_match = torch.hub.HASH_REGEX.search(destination.name)
+    # torch.hub opens the URL without a timeout: on a node whose firewall drops packets it would hang for
+    # minutes. The default socket timeout is the only way to give it one, so it is set just for this call.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(weights.url, str(destination), hash_match.group(1) if hash_match else None)
+    except (OSError, RuntimeError) as error:  # URLError and timeouts are OSErrors; a bad hash is a RuntimeError
+        raise not_available(f"downloading it failed ({error})") from error
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], model_name: str, source: str) -> None:
+    """Strict load, except that fc.* may be absent or anything: the classifier is cut away with the pooling."""
+    expected = model.state_dict()
+    given = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    # BatchNorm fills in num_batches_tracked itself when older checkpoints lack it.
+    missing = [k for k in expected
+               if k not in given and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    misshapen = [f"{k} {tuple(v.shape)} instead of {tuple(expected[k].shape)}"
+                 for k, v in given.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        raise ValueError(f"weights {source} do not fit torchvision's {model_name} "
+                         f"(expected keys like 'conv1.weight', 'layer1.0.bn1.running_mean'): "
+                         f"{len(missing)} missing {_some(missing)}, {len(unexpected)} unexpected {_some(unexpected)}, "
+                         f"{len(misshapen)} of the wrong shape {_some(misshapen)}")
+    model.load_state_dict(given, strict=False)
+
+
+def _some(keys: list[str], limit: int = 10) -> list[str]:
+    return keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+# ----------------------------------------------------------------------------- torchvision ResNets
+
+_RESNETS = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights),
+    "resnet34": (models.resnet34, models.ResNet34_Weights),
+    "resnet50": (models.resnet50, models.ResNet50_Weights),
+    "resnet101": (models.resnet101, models.ResNet101_Weights),
+}
+
+
+def _cut_after(model: nn.Module, layer: str) -> nn.Sequential:
+    """The model's top-level children up to and including `layer`, under their original names.
+
+    Valid for torchvision ResNets, whose children are declared in the order forward() runs them.
+    """
+    kept = OrderedDict()
+    for child_name, child in model.named_children():
+        kept[child_name] = child
+        if child_name == layer:
+            return nn.Sequential(kept)
+    raise ValueError(f"{type(model).__name__} has no layer {layer!r}")
+
+
+def _build_resnet(name: str, weights: str, preprocess: Preprocess, device: torch.device, precision: str,
+                  seed: int) -> Backbone:
+    build_model, weights_enum = _RESNETS[name]
+    # Initialise on a forked RNG: the same seed gives the same weights whatever the caller did with the global RNG,
+    # and the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model()
+    if weights == "none":
+        identity = f"none:seed={seed}"
+    elif weights == "imagenet":
+        imagenet = weights_enum.DEFAULT
+        identity = f"imagenet:{imagenet.name}"
+        _load_weights(model, _imagenet_state_dict(imagenet), name, identity)
+    else:
+        path = Path(weights).expanduser().resolve()
+        identity = f"file:{path}"
+        _load_weights(model, _read_state_dict(path), name, identity)
+    return Backbone(name, "layer4", _cut_after(model, "layer4"), frames_per_step=1, weights=identity,
+                    preprocess=preprocess, device=device, precision=precision)
+
+
+for _name in _RESNETS:
+    register_backbone(_name)(partial(_build_resnet, _name))

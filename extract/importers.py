@@ -1,0 +1,216 @@
+"""Features shared by other teams, into and out of a feature store (pooled vectors only; no maps).
+
+Into a store: ``import_pooled`` writes videos whose pooled features come from elsewhere, with the same index
+attributes, ``steps`` and part layout as extracted ones, so stage two reads them alike; the stream's
+provenance says where they came from, and has no ``map_shape`` (a head that needs maps is told so by the store).
+Loaders for the seeds' releases:
+- TA3N: one ``torch.save``d 2048-d tensor per frame, ``<video>/img_00001.t7`` (1-indexed), read with
+  ``torch.load(weights_only=True)``; anything but a plain 1-D float tensor is refused;
+- EPIC-KITCHENS-100 UDA: arrays [N, 25, C] per modality; ``segment_steps`` spreads the 25 segments over
+  each action's frames.
+Out of a store: ``export_store`` writes one ``.npy`` (plus ``.steps.npy``) or ``.h5`` file per video and an
+``index.csv``, for tools that cannot read our stores.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .manifest import VideoEntry
+from .provenance import software_versions
+from .store import FeatureStore, FeatureValueError, StoreError
+
+IMPORT_TAG = "import"
+VIDEOS_PER_PART = 256
+T7_NAME = re.compile(r"^img_(\d+)\.t7$")
+EXPORT_FORMATS = ("npy", "hdf5")
+
+
+@dataclass(frozen=True)
+class PooledSource:
+    """One video to import: its manifest row and a loader returning steps [T, 2] int32 and pooled [T, C]."""
+
+    entry: VideoEntry
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class ImportSummary:
+    store: Path
+    imported: int = 0
+    skipped: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failures else 0
+
+    def lines(self) -> list[str]:
+        lines = [f"imported {self.imported} videos into {self.store} ({self.skipped} already there), "
+                 f"{len(self.failures)} failed"]
+        lines += [f"FAILED {f['video_id']} {f['path']}: {f['reason']}" for f in self.failures]
+        return lines
+
+
+def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stream: str, features: dict,
+                  part_info: dict) -> ImportSummary:
+    """Write ``sources`` into the store ``out``; resumes (skips videos already there) like extraction.
+
+    ``features`` is the stream's provenance and must hold ``channels``; a video whose loader fails is recorded
+    as a failure in the store and never stops the import.
+    """
+    features = {**features, "map_shape": None, "stream": stream}
+    provenance = {"features": features, "software": software_versions()}
+    store = FeatureStore.create_or_open(out, backend, stream, provenance)
+    summary = ImportSummary(store=Path(out))
+    with store.lock(IMPORT_TAG):
+        present = store.videos(stream)
+        todo = [source for source in sources if source.entry.video_id not in present]
+        summary.skipped = len(sources) - len(todo)
+        part, in_part = None, 0
+        try:
+            for source in tqdm(todo, unit="video", desc="import", disable=None):
+                part = part or store.new_part(IMPORT_TAG, stream, "float32", features["channels"],
+                                              {**part_info, "software": provenance["software"]})
+                if _import_one(source, part, features["channels"], summary):
+                    in_part += 1
+                if in_part >= VIDEOS_PER_PART:
+                    part.commit()
+                    part, in_part = None, 0
+            if part is not None:
+                part.commit()
+        except BaseException:
+            if part is not None:
+                part.abort()
+            raise
+        store.rebuild_index()
+    return summary
+
+
+def _import_one(source: PooledSource, part, channels: int, summary: ImportSummary) -> bool:
+    entry = source.entry
+    try:
+        steps, pooled = source.load()
+        if pooled.ndim != 2 or pooled.shape[1] != channels or not len(pooled):
+            raise ValueError(f"features are shaped {list(pooled.shape)}, expected [steps > 0, {channels}] like "
+                             f"the rest of this stream")
+        if not np.isfinite(pooled).all():
+            raise ValueError("the features hold NaN or inf values")
+        video = part.video(entry.video_id, entry.attributes())
+        video.append(steps, pooled=pooled)  # one call per video: it checks everything before writing a row
+        video.finish(imported_steps=len(pooled))
+    except (ValueError, OSError, RuntimeError, FeatureValueError) as error:
+        part.record_failure(entry.video_id, entry.path, "import", str(error))
+        summary.failures.append({"video_id": entry.video_id, "path": entry.path, "reason": str(error)})
+        return False
+    summary.imported += 1
+    return True
+
+
+# ---- TA3N: one .t7 tensor per frame ------------------------------------------------------------------------
+
+def load_t7(path: Path) -> np.ndarray:
+    """One frame's feature vector: a plain 1-D float tensor, loaded without running code from the file."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only raises UnpicklingError for anything but tensors and containers
+        raise ValueError(f"{path}: refused, not a plain saved tensor ({_load_refusal(error)})") from None
+    if type(value) is not torch.Tensor or value.ndim != 1 or not value.is_floating_point():
+        kind = (f"a {value.ndim}-D {value.dtype} tensor" if isinstance(value, torch.Tensor)
+                else type(value).__name__)
+        raise ValueError(f"{path}: expected a 1-D float feature tensor, found {kind}")
+    return value.detach().numpy().astype(np.float32)
+
+
+def _load_refusal(error: Exception) -> str:
+    """The one useful sentence of torch's long weights_only message (e.g. 'Unsupported global: GLOBAL x.Y')."""
+    text = str(error)
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if match:
+        return match.group(1).split(" was not an allowed")[0].strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def t7_frames(folder: Path) -> list[Path]:
+    """A TA3N feature folder's frame files in frame order; numbering must run 1..n without gaps."""
+    numbered = sorted((int(match.group(1)), path) for path in Path(folder).iterdir()
+                      if (match := T7_NAME.match(path.name)))
+    if not numbered:
+        raise ValueError(f"{folder}: no img_00001.t7 ... frame feature files")
+    numbers = [number for number, _ in numbered]
+    if numbers != list(range(1, len(numbers) + 1)):
+        gap = next(n for i, n in enumerate(numbers, start=1) if n != i)
+        raise ValueError(f"{folder}: frame files are not numbered 1..{len(numbers)} "
+                         f"(first irregular: img_{gap:05d}.t7)")
+    return [path for _, path in numbered]
+
+
+def load_t7_video(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and pooled features of a TA3N feature folder: step t covers frame t (0-based)."""
+    pooled = np.stack([load_t7(path) for path in t7_frames(folder)])
+    frames = np.arange(len(pooled), dtype=np.int32)
+    return np.stack([frames, frames], axis=1), pooled
+
+
+# ---- EPIC-KITCHENS-100: 25 segments per action -------------------------------------------------------------
+
+def segment_steps(start: int | None, end: int | None, count: int) -> np.ndarray:
+    """First/last frame of ``count`` equal segments of [start, end] (inclusive); segment indices if unknown."""
+    if start is None or end is None:
+        indices = np.arange(count, dtype=np.int32)
+        return np.stack([indices, indices], axis=1)
+    bounds = start + np.floor(np.arange(count + 1) * (end - start + 1) / count).astype(np.int64)
+    first = bounds[:-1]
+    last = np.maximum(first, bounds[1:] - 1)  # a segment of an action shorter than `count` frames is one frame
+    return np.stack([first, last], axis=1).astype(np.int32)
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+
+def export_store(store: FeatureStore, out: Path, fmt: str, stream: str) -> int:
+    """One file per video under ``out`` (video ids become relative paths), an index.csv and provenance.json."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    videos = store.videos(stream)
+    if not videos:
+        raise StoreError(f"{store.root}: stream {stream!r} holds no videos to export")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for record in videos.values() for key in record.attrs))
+    with open(out / "index.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video_id", "file", "n_steps", *columns])
+        for video_id, record in tqdm(sorted(videos.items()), unit="video", desc="export", disable=None):
+            relative = _export_path(video_id, ".npy" if fmt == "npy" else ".h5")
+            target = out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pooled = store.read(video_id, "pooled", stream=stream)
+            steps = store.read(video_id, "steps", stream=stream)
+            if fmt == "npy":
+                np.save(target, pooled)
+                np.save(target.with_name(target.name[:-4] + ".steps.npy"), steps)
+            else:
+                with h5py.File(target, "w") as h5:
+                    h5.create_dataset("pooled", data=pooled)
+                    h5.create_dataset("steps", data=steps)
+                    h5.attrs.update({key: str(value) for key, value in record.attrs.items() if value is not None})
+            writer.writerow([video_id, relative.as_posix(), record.n_steps,
+                             *["" if record.attrs.get(key) is None else record.attrs[key] for key in columns]])
+    (out / "provenance.json").write_text(json.dumps(store.provenance(stream), indent=1, sort_keys=True))
+    return len(videos)
+
+
+def _export_path(video_id: str, suffix: str) -> PurePosixPath:
+    relative = PurePosixPath(video_id + suffix)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"video id {video_id!r} cannot be used as a file name inside the export folder")
+    return relative

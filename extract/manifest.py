@@ -1,0 +1,125 @@
+"""Dataset manifests: the one input format for videos (DESIGN §2).
+
+A manifest is a CSV with a header. Required columns: ``path``, ``label``, ``domain``, ``split``. Optional:
+``video_id`` (default: ``path`` without its extension, with ``/`` separators), ``start_frame`` and
+``end_frame`` (a segment of a longer video, 0-based, end inclusive; ``video_id`` is then required because one
+recording holds many segments). Any other column is kept as a per-video attribute.
+
+The whole file is validated before any work starts, and every error names the file, line and column.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+REQUIRED_COLUMNS = ("path", "label", "domain", "split")
+KNOWN_COLUMNS = REQUIRED_COLUMNS + ("video_id", "start_frame", "end_frame")
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed; the message names file, line and column."""
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One manifest row: a video file, a frame directory, or a segment of either."""
+
+    video_id: str
+    path: str                      # as written in the manifest (relative to the root, or absolute)
+    label: str
+    domain: str
+    split: str
+    start_frame: int | None = None
+    end_frame: int | None = None   # inclusive
+    attrs: dict[str, str] = field(default_factory=dict)
+    line: int = 0                  # line number in the manifest, for error messages
+
+    def resolve(self, root: Path | None) -> Path:
+        path = Path(self.path)
+        return path if path.is_absolute() or root is None else Path(root) / path
+
+    def attributes(self) -> dict[str, str | int | None]:
+        """Everything the store keeps about the video besides its features."""
+        return {"label": self.label, "domain": self.domain, "split": self.split, "path": self.path,
+                "start_frame": self.start_frame, "end_frame": self.end_frame, **self.attrs}
+
+
+def default_video_id(path: str) -> str:
+    """``path`` without extension, ``/``-separated, so ids are stable across operating systems."""
+    posix = PurePosixPath(path.replace("\\", "/"))
+    return str(posix.with_suffix("")) if posix.suffix else str(posix)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> list[VideoEntry]:
+    """Parse and validate a manifest; raise ManifestError naming ``file:line, column`` on the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found (pass the CSV written by `vidshift synth` or a builder)")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        missing = [name for name in REQUIRED_COLUMNS if name not in header]
+        if missing:
+            raise ManifestError(f"{path}:1: missing column(s) {', '.join(missing)}; "
+                                f"the header must contain {', '.join(REQUIRED_COLUMNS)}")
+        if len(set(header)) != len(header):
+            raise ManifestError(f"{path}:1: duplicate column names in header {header}")
+        entries, seen = [], {}
+        for row in reader:
+            entry = _parse_row(path, reader.line_num, row)
+            if entry.video_id in seen:
+                raise ManifestError(f"{path}:{entry.line}, column video_id: duplicate video_id "
+                                    f"{entry.video_id!r} (first on line {seen[entry.video_id]})")
+            seen[entry.video_id] = entry.line
+            entries.append(entry)
+    if not entries:
+        raise ManifestError(f"{path}: the manifest has a header but no rows")
+    return entries
+
+
+def _parse_row(path: Path, line: int, row: dict) -> VideoEntry:
+    def fail(column: str, message: str) -> ManifestError:
+        return ManifestError(f"{path}:{line}, column {column}: {message}")
+
+    if None in row:  # csv puts surplus cells under the key None
+        raise fail("(extra)", f"row has more cells than the header ({row[None]!r} beyond the last column)")
+    values = {key: (value or "").strip() for key, value in row.items()}
+    for column in REQUIRED_COLUMNS:
+        if not values[column]:
+            raise fail(column, "empty value")
+    if values["split"] not in SPLITS:
+        raise fail("split", f"unknown split {values['split']!r}; use one of {', '.join(SPLITS)}")
+    start, end = (_parse_frame(values.get(column, ""), fail(column, "must be a non-negative integer"))
+                  for column in ("start_frame", "end_frame"))
+    if (start is None) != (end is None):
+        raise fail("start_frame" if start is None else "end_frame",
+                   "a segment needs both start_frame and end_frame")
+    if start is not None and end < start:
+        raise fail("end_frame", f"end_frame {end} is before start_frame {start} (end is inclusive)")
+    video_id = values.get("video_id", "")
+    if not video_id:
+        if start is not None:
+            raise fail("video_id", "segment rows (start_frame/end_frame) need an explicit video_id")
+        video_id = default_video_id(values["path"])
+    attrs = {key: value for key, value in values.items() if key not in KNOWN_COLUMNS}
+    return VideoEntry(video_id=video_id, path=values["path"], label=values["label"], domain=values["domain"],
+                      split=values["split"], start_frame=start, end_frame=end, attrs=attrs, line=line)
+
+
+def _parse_frame(text: str, error: ManifestError) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit():
+        raise error
+    return int(text)

@@ -1,0 +1,185 @@
+"""Stage one: decode the videos of a manifest, run the backbone, write the feature store (``vidshift extract``).
+
+The run is resumable and never stopped by a bad video:
+- videos already in committed parts are skipped; a killed run loses only its uncommitted part;
+- a video that cannot be decoded, or whose features are not storable, is recorded as a failure in the part
+  (path, stage, reason) and the run goes on; the exit code is then 2;
+- settings that change the features (backbone, weights, preprocessing, sampling, dtype) are fixed by the
+  first run; a resume with different ones is refused.
+``--shard K/N`` lets N independent processes (a SLURM array, several GPUs) fill one store: each takes every
+N-th video, writes parts tagged with its shard and holds its own lock.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .backbones import Preprocess, build_backbone
+from .decode import DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
+from .manifest import VideoEntry, file_sha256, read_manifest
+from .provenance import software_versions
+from .store import DEFAULT_STREAM, FeatureStore, FeatureValueError, PartWriter
+
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    manifest: Path
+    root: Path
+    out: Path
+    format: str = "zarr"
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    sampling: str = "all"
+    frame_size: int = 224
+    resize: int | None = None          # shorter side before the crop; default keeps ImageNet's 256/224 ratio
+    dtype: str = "float16"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64               # frames per backbone call; also the decode batch
+    workers: int = 2                   # background decode threads
+    videos_per_part: int = 64          # a part is committed after this many videos (the resume granularity)
+    shard: str = "0/1"
+    stream: str = DEFAULT_STREAM
+    keep_partial: bool = False         # keep the decodable prefix of a video that breaks part-way
+    seed: int = 0                      # random-init weights (--weights none)
+    fps: float | None = None           # frame rate of frame directories (videos carry their own)
+
+
+@dataclass
+class ExtractSummary:
+    store: Path
+    skipped: int = 0
+    extracted: int = 0
+    partial: int = 0
+    failures: list[dict] = field(default_factory=list)
+    frames: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failures else 0
+
+    def lines(self) -> list[str]:
+        rate = self.frames / self.seconds if self.seconds else 0.0
+        lines = [f"store {self.store}: {self.extracted} extracted ({self.partial} partial), {self.skipped} already "
+                 f"present, {len(self.failures)} failed; {self.frames} frames in {self.seconds:.1f}s "
+                 f"({rate:.1f} frames/s)"]
+        lines += [f"  FAILED {f['video_id']} [{f['stage']}] {f['path']}: {f['reason']}" for f in self.failures]
+        return lines
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {spec!r}: K must be in [0, N)")
+    return index, count
+
+
+def store_provenance(config: ExtractConfig, backbone) -> dict:
+    """``features`` must match for a resume; ``software`` is recorded, not compared."""
+    features = {**backbone.provenance(), "map_shape": list(backbone.map_shape()),
+                "sampling": str(Sampling.parse(config.sampling)), "dtype": config.dtype, "stream": config.stream}
+    software = {key: features.pop(key) for key in ("torch", "torchvision") if key in features}
+    return {"features": features, "software": {**software_versions(), **software}}
+
+
+def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
+    if config.dtype not in STORE_DTYPES:
+        raise ValueError(f"--dtype {config.dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+    shard_index, shard_count = parse_shard(config.shard)
+    sampling = Sampling.parse(config.sampling)
+    entries = read_manifest(config.manifest)[shard_index::shard_count]
+    resize = config.resize or round(config.frame_size * 256 / 224)
+    backbone = build_backbone(config.backbone, config.weights, Preprocess(config.frame_size, resize),
+                              config.device, config.precision, config.seed)
+    provenance = store_provenance(config, backbone)
+    store = FeatureStore.create_or_open(config.out, config.format, config.stream, provenance)
+    tag = f"s{shard_index}of{shard_count}"
+    summary = ExtractSummary(store=config.out)
+    started = time.perf_counter()
+    with store.lock(tag):
+        present = store.videos(config.stream)
+        todo = [entry for entry in entries if entry.video_id not in present]
+        summary.skipped = len(entries) - len(todo)
+        part_info = {"manifest": str(config.manifest), "manifest_sha256": file_sha256(config.manifest),
+                     "shard": tag, "software": provenance["software"]}
+
+        def new_part() -> PartWriter:
+            return store.new_part(tag, config.stream, config.dtype, backbone.out_channels, part_info)
+
+        jobs = (DecodeJob(entry.video_id, entry.resolve(config.root), sampling, entry.start_frame,
+                          entry.end_frame, config.fps) for entry in todo)
+        by_id = {entry.video_id: entry for entry in todo}
+        part, in_part = None, 0
+        bar = tqdm(total=len(todo), unit="video", disable=None if show_progress else True, desc="extract")
+        try:
+            for decoded in prefetch(jobs, config.batch_size, config.workers):
+                part = part or new_part()
+                summary.frames += _extract_video(by_id[decoded.job.key], decoded, backbone, part, config, summary)
+                in_part += 1
+                bar.update()
+                bar.set_postfix(frames_per_s=f"{summary.frames / (time.perf_counter() - started):.1f}")
+                if in_part >= config.videos_per_part:
+                    part.commit()
+                    part, in_part = None, 0
+            if part is not None:
+                part.commit()
+        except BaseException:
+            if part is not None:
+                part.abort()
+            raise
+        finally:
+            bar.close()
+        store.rebuild_index()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone, part: PartWriter,
+                   config: ExtractConfig, summary: ExtractSummary) -> int:
+    """Extract one video into ``part``; record a failure instead of raising. Returns frames decoded."""
+    def fail(stage: str, reason: str) -> None:
+        part.record_failure(entry.video_id, entry.path, stage, reason)
+        summary.failures.append({"video_id": entry.video_id, "path": entry.path, "stage": stage, "reason": reason})
+
+    if decoded.error is not None:
+        fail("decode", str(decoded.error))
+        return 0
+    video = part.video(entry.video_id, entry.attributes())
+    decoded_frames = 0
+    try:
+        for indices, frames in decoded.batches():
+            maps = backbone(frames).numpy()
+            video.append(backbone.steps(indices), maps)
+            decoded_frames += len(indices)
+    except DecodeError as error:
+        if not (config.keep_partial and video.n_steps):
+            video.discard()
+            fail("decode", str(error))
+            return decoded_frames
+        summary.partial += 1
+        video.finish(**_counts(decoded, decoded_frames), partial=True, partial_reason=str(error))
+        summary.extracted += 1
+        return decoded_frames
+    except (FeatureValueError, RuntimeError, ValueError) as error:
+        video.discard()
+        fail("features", str(error))
+        return decoded_frames
+    video.finish(**_counts(decoded, decoded_frames), partial=False)
+    summary.extracted += 1
+    return decoded_frames
+
+
+def _counts(decoded: DecodedVideo, decoded_frames: int) -> dict:
+    return {"container_frames": int(decoded.num_frames), "expected_frames": int(len(decoded.indices)),
+            "decoded_frames": decoded_frames, "fps": float(decoded.fps), "decoder": decoded.backend,
+            "first_frame": int(np.min(decoded.indices)), "last_frame": int(np.max(decoded.indices))}

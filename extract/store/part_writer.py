@@ -1,0 +1,175 @@
+"""Writing one store part: videos appended step batch by step batch, committed by one atomic rename.
+
+A part is written under a temporary name and renamed only when complete, so a killed task leaves nothing
+that looks complete. Values are checked finite, and within the stored dtype's range, *before* the down-cast:
+a backbone whose activations overflow float16 (random-init ResNet-101 does) is an error naming the video,
+never silently stored inf. The pooled vector is the float32 spatial mean of the un-rounded maps.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARRAY_NAMES = ("maps", "pooled", "steps")
+
+
+class FeatureValueError(ValueError):
+    """A video's features are not storable (NaN/inf, or beyond the dtype's range)."""
+
+
+class VideoHasher:
+    """Content hash of one video: sha256 over the stored bytes of each array, combined in a fixed order.
+
+    Per-array digests let a verifier re-read each array in blocks of any size and reach the same hash.
+    """
+
+    def __init__(self) -> None:
+        self.digests = {name: hashlib.sha256() for name in ARRAY_NAMES}
+
+    def update(self, name: str, rows: np.ndarray) -> None:
+        self.digests[name].update(np.ascontiguousarray(rows).tobytes())
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256("".join(self.digests[name].hexdigest() for name in ARRAY_NAMES).encode()).hexdigest()
+
+
+class PartWriter:
+    """Appends videos to one part. Use ``video()`` per video, then ``commit()`` (or ``abort()``).
+
+    Rows are buffered up to ``shard_steps`` and flushed as whole, aligned shards; a video that fails part-way
+    is rolled back by moving the write cursor back to its first row, so its rows are overwritten by the next.
+    """
+
+    def __init__(self, backend_writer, tmp_path: Path, final_path: Path, stream: str,
+                 map_shape: tuple[int, int, int] | None, channels: int, dtype: str, shard_steps: int,
+                 part_info: dict) -> None:
+        self.backend, self.tmp_path, self.final_path = backend_writer, tmp_path, final_path
+        self.stream, self.map_shape, self.dtype, self.shard_steps = stream, map_shape, np.dtype(dtype), shard_steps
+        self.names = ARRAY_NAMES if map_shape is not None else ("pooled", "steps")
+        row_shapes = {"maps": map_shape, "pooled": (channels,), "steps": (2,)}
+        dtypes = {"maps": self.dtype.name, "pooled": "float32", "steps": "int32"}
+        for name in self.names:
+            self.backend.create(stream, name, row_shapes[name], dtypes[name])
+        self.flushed = 0                                  # rows [0, flushed) are in the backend
+        self.pending = {name: [] for name in self.names}  # rows [flushed, cursor) wait here
+        self.cursor = 0
+        self.table = {"stream": stream, **part_info, "videos": [], "failures": []}
+
+    def video(self, video_id: str, attrs: dict) -> "VideoWriter":
+        return VideoWriter(self, video_id, attrs)
+
+    def record_failure(self, video_id: str, path: str, stage: str, reason: str) -> None:
+        self.table["failures"].append({"video_id": video_id, "path": path, "stage": stage, "reason": reason,
+                                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.table["videos"])
+
+    def _append(self, rows: dict[str, np.ndarray]) -> None:
+        for name in self.names:
+            self.pending[name].append(rows[name])
+        self.cursor += len(rows["steps"])
+        while self.cursor - self.flushed >= self.shard_steps:
+            self._flush(self.shard_steps)
+
+    def _flush(self, count: int) -> None:
+        for name in self.names:
+            rows = np.concatenate(self.pending[name])
+            self.backend.write(self.stream, name, self.flushed, rows[:count])
+            self.pending[name] = [rows[count:]]
+        self.flushed += count
+
+    def _rewind(self, offset: int) -> None:
+        """Forget rows from ``offset`` on (a failed video). Re-buffers the partial shard before it if needed."""
+        if offset >= self.flushed:
+            for name in self.names:
+                rows = self.pending[name]
+                self.pending[name] = [np.concatenate(rows)[: offset - self.flushed]] if rows else []
+        else:
+            # The failed video began inside an already flushed shard: re-buffer that shard's good rows.
+            shard_start = offset - offset % self.shard_steps
+            for name in self.names:
+                self.pending[name] = [self.backend.read_back(self.stream, name, shard_start, offset)]
+            self.flushed = shard_start
+        self.cursor = offset
+
+    def commit(self) -> Path:
+        if self.cursor > self.flushed:
+            self._flush(self.cursor - self.flushed)
+        for name in self.names:
+            self.backend.truncate(self.stream, name, self.cursor)
+        self.backend.finish(self.table)
+        os.replace(self.tmp_path, self.final_path)  # the commit: atomic on a POSIX filesystem
+        return self.final_path
+
+    def abort(self) -> None:
+        self.remove(self.tmp_path)
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        """Delete an uncommitted part (a zarr directory or an HDF5 file)."""
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+class VideoWriter:
+    """Streams one video's steps into its part; ``finish()`` adds it to the part's video table."""
+
+    def __init__(self, part: PartWriter, video_id: str, attrs: dict) -> None:
+        self.part, self.video_id, self.attrs = part, video_id, attrs
+        self.offset, self.n_steps, self.hasher = part.cursor, 0, VideoHasher()
+
+    def append(self, steps: np.ndarray, maps: np.ndarray | None = None, pooled: np.ndarray | None = None) -> None:
+        """Add steps: float32 ``maps`` [n, h, w, C] (pooled is derived) or, for pooled-only streams, ``pooled``."""
+        if maps is not None:
+            maps = np.asarray(maps, dtype=np.float32)
+            self._check_storable(maps)
+            pooled = maps.mean(axis=(1, 2), dtype=np.float32)
+        pooled = np.asarray(pooled, dtype=np.float32)
+        self._check_finite(pooled)
+        rows = {"pooled": pooled, "steps": np.asarray(steps, dtype=np.int32)}
+        if rows["steps"].shape != (len(pooled), 2):
+            raise ValueError(f"{self.video_id}: steps must be [{len(pooled)}, 2] to match the features, "
+                             f"got {list(rows['steps'].shape)}")
+        if self.part.map_shape is not None:
+            if maps is None:
+                raise ValueError(f"{self.video_id}: this stream stores maps; pass maps, not only pooled vectors")
+            rows["maps"] = maps.astype(self.part.dtype)
+        for name, values in rows.items():
+            self.hasher.update(name, values)
+        self.part._append(rows)
+        self.n_steps += len(rows["steps"])
+
+    def finish(self, **extra) -> None:
+        if self.n_steps == 0:
+            raise FeatureValueError(f"{self.video_id}: no time steps were decoded")
+        self.part.table["videos"].append({
+            "video_id": self.video_id, "offset": self.offset, "n_steps": self.n_steps,
+            "sha256": self.hasher.hexdigest(), "attrs": self.attrs, **extra})
+
+    def discard(self) -> None:
+        self.part._rewind(self.offset)
+
+    def _check_finite(self, values: np.ndarray) -> None:
+        if not np.isfinite(values).all():
+            raise FeatureValueError(f"{self.video_id}: the backbone produced NaN or inf values; nothing was "
+                                    f"stored for this video (check the weights and the input frames)")
+
+    def _check_storable(self, maps: np.ndarray) -> None:
+        self._check_finite(maps)
+        if self.part.dtype.kind == "f":
+            limit = float(np.finfo(self.part.dtype).max)
+            peak = float(np.abs(maps).max(initial=0.0))
+            if peak > limit:
+                raise FeatureValueError(
+                    f"{self.video_id}: activation {peak:.4g} exceeds {self.part.dtype.name}'s range "
+                    f"({limit:.4g}) and would be stored as inf; re-run with --dtype float32 (random-init "
+                    f"deep ResNets do this; pretrained weights normally fit float16)")

@@ -1,0 +1,53 @@
+"""What `vidshift store info` reports: provenance, counts, sizes, compression, failures."""
+from __future__ import annotations
+
+import numpy as np
+
+from .store import FeatureStore
+
+
+def store_summary(store: FeatureStore) -> dict:
+    disk = store.disk_bytes()
+    streams = {}
+    raw_stored = raw_float32 = 0
+    for stream in store.streams:
+        videos = store.videos(stream)
+        steps = sum(record.n_steps for record in videos.values())
+        features = store.provenance(stream)["features"]
+        map_values = int(np.prod(features["map_shape"])) if features.get("map_shape") else 0
+        channels = features["map_shape"][-1] if map_values else features.get("channels", 0)
+        itemsize = np.dtype(features.get("dtype", "float32")).itemsize
+        # per step: maps in the stored dtype, pooled float32, steps 2 x int32
+        raw_stored += steps * (map_values * itemsize + channels * 4 + 8)
+        raw_float32 += steps * (map_values * 4 + channels * 4 + 8)
+        streams[stream] = {"videos": len(videos), "steps": steps, "failures": store.failures(stream),
+                           "partial": sum(1 for r in videos.values() if r.attrs.get("partial")),
+                           "provenance": store.provenance(stream)}
+    return {"path": str(store.root), "backend": store.backend, "created": store.meta["created"],
+            "parts": len(store.part_names()), "disk_bytes": disk, "raw_bytes_stored_dtype": raw_stored,
+            "raw_bytes_float32": raw_float32,
+            "compression_ratio": raw_stored / disk if disk else None,
+            "ratio_vs_float32": raw_float32 / disk if disk else None, "streams": streams}
+
+
+def format_summary(summary: dict) -> str:
+    def size(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if n < 1024 or unit == "TiB":
+                return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            n /= 1024
+
+    lines = [f"store      {summary['path']} ({summary['backend']}, created {summary['created']})",
+             f"parts      {summary['parts']}, {size(summary['disk_bytes'])} on disk"]
+    if summary["compression_ratio"]:
+        lines.append(f"compression {summary['compression_ratio']:.2f}x vs raw stored dtype, "
+                     f"{summary['ratio_vs_float32']:.2f}x vs raw float32 ({size(summary['raw_bytes_float32'])})")
+    for stream, info in summary["streams"].items():
+        features = info["provenance"]["features"]
+        software = info["provenance"].get("software", {})
+        lines.append(f"stream {stream}: {info['videos']} videos, {info['steps']} steps, {info['partial']} partial, "
+                     f"{len(info['failures'])} failed")
+        lines += [f"  {key:16} {value}" for key, value in sorted(features.items())]
+        lines += [f"  {key:16} {value}" for key, value in sorted(software.items())]
+        lines += [f"  FAILED {f['video_id']} [{f['stage']}] {f['path']}: {f['reason']}" for f in info["failures"]]
+    return "\n".join(lines)

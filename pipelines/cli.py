@@ -1,0 +1,207 @@
+"""The ``vidshift`` command line (DESIGN §3). Exit codes: 0 ok, 1 usage/input error, 2 some videos failed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from extract.backbones import available_backbones
+from extract.manifest import ManifestError
+from extract.run import ExtractConfig, run_extract
+from extract.store import FeatureStore, StoreError
+from extract.store.summary import format_summary, store_summary
+from extract.synth import SynthConfig, describe, generate
+from heads import base as heads
+from pipelines.evaluate import evaluate_run
+from pipelines.train import TrainConfig, train as run_training
+
+INPUT_ERRORS = (ManifestError, StoreError, ValueError, FileNotFoundError, KeyError)  # RunError, HeadError: ValueError
+
+
+class UserError(click.ClickException):
+    """An input problem: printed without a traceback, exit code 1."""
+
+    exit_code = 1
+
+
+def _fail_cleanly(function):
+    """Turn the input errors our modules raise into one-line messages instead of tracebacks."""
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except INPUT_ERRORS as error:
+            raise UserError(str(error)) from error
+    wrapper.__name__, wrapper.__doc__ = function.__name__, function.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """vidshift: cached-feature pipeline for video domain adaptation and generalization."""
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=SynthConfig.seed, show_default=True, help="Same seed, same videos.")
+@click.option("--videos-per-class", default=SynthConfig.videos_per_class, show_default=True,
+              help="Videos per class and domain.")
+@click.option("--frames", "num_frames", default=SynthConfig.num_frames, show_default=True, help="Frames per video.")
+@click.option("--frame-size", default=SynthConfig.frame_size, show_default=True, help="Base frame side in pixels.")
+@_fail_cleanly
+def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, frame_size: int) -> None:
+    """Write the built-in synthetic domain-shift dataset (real videos + manifest.csv) to OUT_DIR."""
+    config = SynthConfig(seed=seed, videos_per_class=videos_per_class, num_frames=num_frames, frame_size=frame_size)
+    manifest = generate(out_dir, config)
+    click.echo(describe(config))
+    click.echo(f"wrote {manifest}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory the manifest's relative paths start from [default: the manifest's directory].")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store directory.")
+@click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--backbone", default="resnet50", show_default=True,
+              help=f"One of: {', '.join(available_backbones())}.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision weights enum), none (seeded random init) or a state-dict path.")
+@click.option("--sampling", default="all", show_default=True, help="all | fps:F | uniform:N")
+@click.option("--frame-size", default=224, show_default=True, help="Centre-crop side.")
+@click.option("--resize", type=int, default=None, help="Shorter side before the crop [default: frame-size*256/224].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Stored dtype of maps (pooled is always float32).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast precision of the backbone (bf16/fp16 on CUDA only).")
+@click.option("--batch-size", default=64, show_default=True, help="Frames per backbone call.")
+@click.option("--workers", default=2, show_default=True, help="Background decode workers.")
+@click.option("--videos-per-part", default=64, show_default=True, help="Videos per committed part.")
+@click.option("--shard", default="0/1", show_default=True, help="K/N: this process extracts every N-th video.")
+@click.option("--stream", default="rgb", show_default=True, help="Stream name the features are stored under.")
+@click.option("--keep-partial", is_flag=True, help="Keep the decodable prefix of videos that break part-way.")
+@click.option("--seed", default=0, show_default=True, help="Seed of random-init weights (--weights none).")
+@click.option("--fps", type=float, default=None, help="Frame rate of frame directories (videos carry their own).")
+@_fail_cleanly
+def extract(manifest: Path, root: Path | None, out: Path, store_format: str, **options) -> None:
+    """Stage one: extract backbone features of MANIFEST's videos into the store --out (resumes if it exists)."""
+    config = ExtractConfig(manifest=manifest, root=root or manifest.parent, out=out, format=store_format, **options)
+    summary = run_extract(config)
+    for line in summary.lines():
+        click.echo(line)
+    sys.exit(summary.exit_code)
+
+
+@main.group()
+def store() -> None:
+    """Inspect and check feature stores."""
+
+
+@store.command()
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_fail_cleanly
+def info(path: Path, as_json: bool) -> None:
+    """Provenance, counts, sizes, compression ratio and failures of a store."""
+    summary = store_summary(FeatureStore.open(path))
+    click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@store.command()
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@_fail_cleanly
+def verify(path: Path) -> None:
+    """Re-read every chunk and video hash; exit 1 naming every bad video."""
+    feature_store = FeatureStore.open(path)
+    problems = feature_store.verify()
+    total = sum(len(feature_store.videos(stream)) for stream in feature_store.streams)
+    for problem in problems:
+        click.echo(f"BAD {problem}")
+    click.echo(f"{total} videos checked, {len(problems)} problem(s)")
+    sys.exit(1 if problems else 0)
+
+
+def parse_overrides(config_file: Path | None, assignments: tuple[str, ...]) -> dict:
+    """Hyper-parameter overrides: the YAML file's mapping, then each ``--set name=value`` (YAML-typed)."""
+    overrides = {}
+    if config_file is not None:
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of hyper-parameter names to values")
+        overrides.update(loaded)
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set {assignment!r}: expected name=value, e.g. --set lr=0.01")
+        overrides[name.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def list_heads() -> str:
+    rows = [f"  {name:14} {cls.input:6} {'/'.join(sorted(cls.settings)):5} {cls.summary}"
+            for name, cls in heads.available().items()]
+    return "heads (name, input, settings, summary):\n" + "\n".join(rows)
+
+
+@main.command()
+@click.option("--store", "store_path", type=click.Path(file_okay=False, path_type=Path), help="Feature store.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Manifest of the store's videos.")
+@click.option("--head", required=True, help="Registered head; `--head help` lists them.")
+@click.option("--source", help="Labelled source domain.")
+@click.option("--target", default=None, help="Target domain (unlabelled train split in da; evaluated in both).")
+@click.option("--setting", type=click.Choice(["dg", "da"]), default="dg", show_default=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML mapping of hyper-parameter overrides.")
+@click.option("--set", "assignments", multiple=True, help="name=value hyper-parameter override (repeatable).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--segments", "num_segments", default=5, show_default=True, help="TSN segments per video.")
+@click.option("--train-sampling", type=click.Choice(["random", "centre"]), default="random", show_default=True)
+@click.option("--features", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+              help="Hold features in (GPU) memory, stream them from the store, or decide from their size.")
+@click.option("--memory-budget-gb", type=float, default=None, help="Budget for --features auto.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader processes when streaming.")
+@click.option("--eval-split", default=None, help="Target split to report [default: test, else val].")
+@click.option("--skip-missing", is_flag=True, help="Train without manifest videos the store lacks.")
+@click.option("--stream", default="rgb", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@_fail_cleanly
+def train(store_path, manifest, head, config_file, assignments, out, resume, **options) -> None:
+    """Stage two: train a head on cached features (DG or DA protocol) and evaluate it every epoch."""
+    if head == "help":
+        click.echo(list_heads())
+        return
+    for name, value in (("--store", store_path), ("--manifest", manifest), ("--source", options["source"]),
+                        ("--out", out)):
+        if value is None:
+            raise click.UsageError(f"missing option {name}")
+    config = TrainConfig(store=store_path, manifest=manifest, head=head, out=out,
+                         hparams=parse_overrides(config_file, assignments), **options)
+    report = run_training(config, resume=resume)
+    final = report["final"]
+    click.echo(json.dumps(final, indent=1))
+
+
+@main.command(name="eval")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--domain", required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True,
+              help="best: the source-val selected epoch; checkpoint: the last finished epoch.")
+@click.option("--device", default="auto", show_default=True)
+@_fail_cleanly
+def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device) -> None:
+    """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run."""
+    report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device)
+    click.echo(f"{domain}/{split}: {report['videos']} videos, top-1 {report['accuracy']:.4f}, "
+               f"mean class accuracy {report['mean_class_accuracy']:.4f}; wrote {run_dir}/eval-{domain}-{split}.*")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Cached features for stage two: videos of one domain and split, TSN segment sampling, batches.
+
+A ``FeatureSet`` is the videos of one (domain, split) of a manifest, looked up in a store. Which time steps a
+batch takes is decided in the main process by a seeded generator (``epoch_plan``), and only then are the
+features fetched, from memory or from the store by DataLoader worker processes. Both paths therefore give the
+same numbers, and the choice between them is just a matter of whether the features fit in memory.
+
+TSN sampling (DESIGN §6, TA3N code ``dataset.py``): a video's T steps are cut into N equal segments; training
+takes one random step per segment (or the segment centre, the official TA3N code's choice); evaluation takes
+the centres ``int(T/N/2 + T/N*i)``. Videos shorter than N repeat their last step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from extract.manifest import VideoEntry
+from extract.store import FeatureStore, StoreError
+
+TRAIN_SAMPLINGS = ("random", "centre")
+FEATURE_PLACES = ("auto", "memory", "stream")
+
+
+def centre_steps(n_steps: int, num_segments: int) -> np.ndarray:
+    """Centre step of each of ``num_segments`` equal segments (TA3N ``_get_test_indices``, 0-based)."""
+    if n_steps < num_segments:
+        return np.minimum(np.arange(num_segments), n_steps - 1)
+    tick = n_steps / num_segments
+    return np.array([int(tick / 2 + tick * i) for i in range(num_segments)])
+
+
+def random_steps(n_steps: int, num_segments: int, generator: torch.Generator) -> np.ndarray:
+    """One uniformly drawn step inside each of ``num_segments`` equal segments (TSN training sampling)."""
+    if n_steps < num_segments:
+        return np.minimum(np.arange(num_segments), n_steps - 1)
+    bounds = np.linspace(0, n_steps, num_segments + 1)
+    starts, ends = np.floor(bounds[:-1]).astype(int), np.floor(bounds[1:]).astype(int)
+    draws = torch.rand(num_segments, generator=generator).numpy()
+    return np.minimum(starts + (draws * (ends - starts)).astype(int), ends - 1)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which videos (positions in a FeatureSet) and which steps of each, [B] and [B, N]."""
+
+    videos: np.ndarray
+    steps: np.ndarray
+
+
+class FeatureSet:
+    """The videos of one domain and split: ids, labels (None for unlabelled target data) and their features."""
+
+    def __init__(self, store: FeatureStore, entries: list[VideoEntry], array: str, class_index: dict[str, int],
+                 labelled: bool = True, stream: str = "rgb") -> None:
+        if not entries:
+            raise ValueError("a feature set needs at least one video")
+        records = store.videos(stream)
+        missing = [entry.video_id for entry in entries if entry.video_id not in records]
+        if missing:
+            raise StoreError(f"{len(missing)} video(s) of domain {entries[0].domain!r}, split {entries[0].split!r} "
+                             f"are not in the store {store.root} (e.g. {', '.join(missing[:3])}); extract them "
+                             f"(`vidshift extract` resumes), check `vidshift store info` for failures, or pass "
+                             f"--skip-missing to train without them")
+        self.store, self.array, self.stream = store, array, stream
+        self.video_ids = [entry.video_id for entry in entries]
+        self.n_steps = np.array([records[vid].n_steps for vid in self.video_ids])
+        self.labels = torch.tensor([class_index[entry.label] for entry in entries]) if labelled else None
+        self._memory: tuple[torch.Tensor, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def nbytes(self) -> int:
+        """Memory the features take when held whole (stored dtype: float16 maps, float32 pooled)."""
+        record = self.store.videos(self.stream)[self.video_ids[0]]
+        row = self.store.read(record.video_id, self.array, steps=[0], stream=self.stream)
+        return int(self.n_steps.sum()) * row[0].nbytes
+
+    def load(self, device: torch.device) -> None:
+        """Hold every step of every video in one tensor on ``device`` (fast random access during training)."""
+        rows = [self.store.read(vid, self.array, stream=self.stream) for vid in self.video_ids]
+        offsets = np.concatenate([[0], np.cumsum(self.n_steps)[:-1]])
+        self._memory = (torch.from_numpy(np.concatenate(rows)).to(device), offsets)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
+
+    def gather(self, plan: BatchPlan) -> torch.Tensor:
+        """Features [B, N, ...] float32 of a plan, from memory (call ``load`` first)."""
+        features, offsets = self._memory
+        index = torch.from_numpy(offsets[plan.videos][:, None] + plan.steps).to(features.device)
+        return features[index].float()
+
+    def read(self, video: int, steps: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.store.read(self.video_ids[video], self.array, steps=steps,
+                                                stream=self.stream)).float()
+
+    def eval_plans(self, num_segments: int, batch_size: int) -> list[BatchPlan]:
+        """Every video once, in order, at its segment centres."""
+        order = np.arange(len(self))
+        steps = np.stack([centre_steps(n, num_segments) for n in self.n_steps])
+        return [BatchPlan(order[i:i + batch_size], steps[i:i + batch_size]) for i in range(0, len(self), batch_size)]
+
+    def epoch_plans(self, num_segments: int, batch_size: int, num_batches: int, sampling: str,
+                    generator: torch.Generator) -> list[BatchPlan]:
+        """``num_batches`` batches drawn without replacement, reshuffling whenever the videos run out."""
+        order = []
+        while len(order) < num_batches * batch_size:
+            order.extend(torch.randperm(len(self), generator=generator).tolist())
+        plans = []
+        for b in range(num_batches):
+            videos = np.array(order[b * batch_size:(b + 1) * batch_size])
+            if sampling == "centre":
+                steps = np.stack([centre_steps(self.n_steps[v], num_segments) for v in videos])
+            else:
+                steps = np.stack([random_steps(self.n_steps[v], num_segments, generator) for v in videos])
+            plans.append(BatchPlan(videos, steps))
+        return plans
+
+
+class _PlanDataset(Dataset):
+    """Streams the features of one BatchPlan per item from the store (used by DataLoader workers)."""
+
+    def __init__(self, features: FeatureSet, plans: list[BatchPlan]) -> None:
+        self.features, self.plans = features, plans
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        plan = self.plans[i]
+        return torch.stack([self.features.read(v, s) for v, s in zip(plan.videos, plan.steps)])
+
+
+def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: torch.device):
+    """Yield (plan, features [B, N, ...] on ``device``) for each plan, from memory or streamed."""
+    if features.in_memory:
+        for plan in plans:
+            yield plan, features.gather(plan)
+        return
+    loader = DataLoader(_PlanDataset(features, plans), batch_size=None, num_workers=workers,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    for plan, batch in zip(plans, loader):
+        yield plan, batch.to(device)
+
+
+def place_features(sets: list[FeatureSet], where: str, device: torch.device, budget_bytes: int) -> str:
+    """Load the sets into memory when ``where`` says so, or, for ``auto``, when together they fit the budget."""
+    if where not in FEATURE_PLACES:
+        raise ValueError(f"features place {where!r}: use one of {', '.join(FEATURE_PLACES)}")
+    total = sum(s.nbytes() for s in sets)
+    if where == "memory" or (where == "auto" and total <= budget_bytes):
+        for feature_set in sets:
+            feature_set.load(device)
+        return f"memory ({total / 2**20:.1f} MiB on {device})"
+    return f"streamed from the store ({total / 2**20:.1f} MiB would not fit the {budget_bytes / 2**20:.0f} MiB budget)"
+
+
+def target_batch_size(source_batch: int, n_source: int, n_target: int) -> int:
+    """Target batch size following the ratio of the training sets (TA3N: 128 source -> 74 target on UCF-HMDB)."""
+    return max(1, math.floor(source_batch * n_target / n_source))

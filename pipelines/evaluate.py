@@ -1,0 +1,96 @@
+"""Evaluation: predictions at segment centres, accuracy, mean class accuracy, confusion matrix (``vidshift eval``)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from extract.manifest import read_manifest
+from extract.store import FeatureStore
+from heads import base as heads
+from pipelines.data import FeatureSet, iterate
+from pipelines.runs import RunError, check_store_matches, feature_shape, open_feature_set, resolve_device, select
+
+EVAL_BATCH = 256
+
+
+@torch.no_grad()
+def predict(head: heads.Head, features: FeatureSet, num_segments: int, workers: int,
+            device: torch.device) -> torch.Tensor:
+    """Logits [V, classes] of every video of ``features``, in order, from its segment centres."""
+    head.eval()
+    plans = features.eval_plans(num_segments, EVAL_BATCH)
+    return torch.cat([head(x).float().cpu() for _, x in iterate(features, plans, workers, device)])
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Top-1 accuracy, mean class accuracy (over classes present) and confusion matrix [true, predicted]."""
+    predicted = logits.argmax(dim=1)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    present = confusion.sum(dim=1) > 0
+    return {"accuracy": (predicted == labels).float().mean().item(),
+            "mean_class_accuracy": per_class[present].mean().item(),
+            "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
+
+
+def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, split: str,
+                 checkpoint: str = "best", device: str = "auto", workers: int = 2) -> dict:
+    """Evaluate a trained run on ``domain``/``split`` of any compatible store; writes eval-<domain>-<split>.*"""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise RunError(f"{run_dir}: not a run dir (no config.yaml); pass the --out of a `vidshift train` run")
+    record = yaml.safe_load(config_path.read_text())
+    config, classes = record["config"], record["classes"]
+    store = FeatureStore.open(store_path)
+    check_store_matches(record["store"], store, config["stream"])
+    head_cls = heads.available()[config["head"]]
+    torch_device = resolve_device(device)
+    head = heads.build(config["head"], feature_shape(store, head_cls.input, config["stream"]), len(classes),
+                       config["num_segments"], config["hparams"]).to(torch_device)
+    weights = run_dir / f"{checkpoint}.pt"
+    if not weights.is_file():
+        raise RunError(f"{weights} not found; use --checkpoint best or checkpoint (the last finished epoch)")
+    head.load_state_dict(torch.load(weights, map_location=torch_device, weights_only=True)["head"])
+    entries = select(read_manifest(manifest), domain, split)
+    unknown = sorted({entry.label for entry in entries} - set(classes))
+    if unknown:
+        raise RunError(f"{manifest}: labels {unknown} were not among the run's classes {classes}")
+    features = open_feature_set(store, entries, head_cls.input, classes, config["stream"], skip_missing=False)
+    if features is None:
+        raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")
+    logits = predict(head, features, config["num_segments"], workers, torch_device)
+    report = accuracy_report(logits, features.labels, len(classes))
+    report.update(domain=domain, split=split, videos=len(features), checkpoint=checkpoint, classes=classes)
+    stem = run_dir / f"eval-{domain}-{split}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+    _write_confusion(report["confusion"], classes, stem)
+    return report
+
+
+def _write_confusion(confusion: list[list[int]], classes: list[str], stem: Path) -> None:
+    with open(f"{stem}-confusion.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *classes])
+        writer.writerows([name, *row] for name, row in zip(classes, confusion))
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on clusters
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.5 * len(classes)))
+    axes.imshow(confusion, cmap="Blues")
+    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            axes.text(j, i, str(count), ha="center", va="center", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(f"{stem}-confusion.png", dpi=120)
+    plt.close(figure)

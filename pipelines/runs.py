@@ -1,0 +1,123 @@
+"""What a training or evaluation run reads: the manifest's videos of each domain/split, found in a store.
+
+Also the store identity a run records, so that a later resume or evaluation on a different store (another
+backbone, other weights, other preprocessing) is refused instead of silently mixing features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from extract.manifest import VideoEntry, read_manifest
+from extract.store import FeatureStore, StoreError
+from pipelines.data import FeatureSet
+
+
+class RunError(ValueError):
+    """A run cannot start or continue as asked; the message says what to change."""
+
+
+def store_identity(store: FeatureStore, stream: str) -> dict:
+    """The settings that make features comparable, and their hash."""
+    features = store.provenance(stream)["features"]
+    digest = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()
+    return {"features_sha256": digest, "backbone": features.get("backbone"), "weights": features.get("weights"),
+            "stream": stream, "path": str(store.root)}
+
+
+def check_store_matches(recorded: dict, store: FeatureStore, stream: str) -> None:
+    current = store_identity(store, stream)
+    if current["features_sha256"] != recorded["features_sha256"]:
+        raise RunError(f"store {store.root} holds different features than the run was trained on "
+                       f"(run: {recorded['backbone']} / {recorded['weights']} from {recorded['path']}; this store: "
+                       f"{current['backbone']} / {current['weights']}); evaluate on a store extracted with the "
+                       f"same settings (`vidshift store info` shows them)")
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def select(entries: list[VideoEntry], domain: str, split: str) -> list[VideoEntry]:
+    return [entry for entry in entries if entry.domain == domain and entry.split == split]
+
+
+@dataclass
+class RunInputs:
+    store: FeatureStore
+    classes: list[str]
+    feat_shape: tuple[int, ...]
+    source_train: FeatureSet
+    source_val: FeatureSet | None
+    target_train: FeatureSet | None      # unlabelled (da only)
+    target_eval: FeatureSet | None
+
+    def feature_sets(self) -> list[FeatureSet]:
+        return [s for s in (self.source_train, self.source_val, self.target_train, self.target_eval) if s]
+
+
+def feature_shape(store: FeatureStore, array: str, stream: str) -> tuple[int, ...]:
+    if array == "maps":
+        shape = store.map_shape(stream)
+        if shape is None:
+            raise StoreError(f"{store.root}: stream {stream!r} has pooled features only (imported); this head reads "
+                             f"spatial maps: extract the videos with `vidshift extract`, or choose a pooled head")
+        return shape
+    features = store.provenance(stream)["features"]
+    return (features["map_shape"][-1] if features.get("map_shape") else features["channels"],)
+
+
+def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str, classes: list[str], stream: str,
+                     skip_missing: bool, labelled: bool = True) -> FeatureSet | None:
+    if skip_missing:
+        present = store.videos(stream)
+        entries = [entry for entry in entries if entry.video_id in present]
+    if not entries:
+        return None
+    return FeatureSet(store, entries, array, {name: i for i, name in enumerate(classes)}, labelled, stream)
+
+
+def load_run_inputs(config, array: str) -> RunInputs:
+    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits."""
+    entries = read_manifest(config.manifest)
+    store = FeatureStore.open(config.store)
+    if config.stream not in store.streams:
+        raise StoreError(f"{store.root}: no stream {config.stream!r}; it has {', '.join(store.streams)}")
+    domains = sorted({entry.domain for entry in entries})
+    for role, domain in (("--source", config.source), ("--target", config.target)):
+        if domain is not None and domain not in domains:
+            raise RunError(f"{role} {domain!r} is not a domain of {config.manifest}; its domains are "
+                           f"{', '.join(domains)}")
+    classes = sorted({entry.label for entry in entries})
+
+    def open_split(domain: str, split: str, labelled: bool = True) -> FeatureSet | None:
+        return open_feature_set(store, select(entries, domain, split), array, classes, config.stream,
+                                config.skip_missing, labelled)
+
+    source_train = open_split(config.source, "train")
+    if source_train is None:
+        raise RunError(f"domain {config.source!r} has no train split in {config.manifest}")
+    target_train = target_eval = None
+    if config.target:
+        eval_split = config.eval_split or ("test" if select(entries, config.target, "test") else "val")
+        target_eval = open_split(config.target, eval_split)
+        if target_eval is None:
+            raise RunError(f"domain {config.target!r} has no {eval_split!r} split in {config.manifest} to evaluate")
+        if config.setting == "da":
+            target_train = open_split(config.target, "train", labelled=False)  # target labels never load
+            if target_train is None:
+                raise RunError(f"--setting da needs the target's train split; {config.target!r} has none")
+    return RunInputs(store, classes, feature_shape(store, array, config.stream), source_train,
+                     open_split(config.source, "val"), target_train, target_eval)

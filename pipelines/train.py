@@ -1,0 +1,222 @@
+"""Stage two: train a head from cached features under the DG or DA protocol (``vidshift train``, DESIGN §6).
+
+- ``dg``: the head sees the source domain's train split only; the checkpoint is selected on source val; the
+  target is only evaluated.
+- ``da``: labelled source train plus the *unlabelled* target train split (``UnlabelledBatch`` has no labels),
+  target batches sized by the ratio of the two training sets.
+Every epoch evaluates source val and the target evaluation split. ``metrics.json`` reports the target accuracy
+at the best source-val epoch (the selection a real DG/DA user can make), at the last epoch, and the oracle
+(best target epoch; labelled as such: it is what TA3N's and APN's official code report).
+
+A run dir holds ``config.yaml`` (everything needed to repeat it), ``metrics.json``, ``checkpoint.pt`` (last
+epoch: head, optimisers, RNG; for ``--resume``), ``best.pt`` (head at the selected epoch) and ``train.log``.
+All checkpoints are plain state dicts, loadable with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from extract.manifest import file_sha256
+from extract.provenance import software_versions
+from heads import base as heads
+from heads.base import LabelledBatch, UnlabelledBatch
+from pipelines.data import TRAIN_SAMPLINGS, FeatureSet, iterate, place_features, target_batch_size
+from pipelines.evaluate import accuracy_report, predict
+from pipelines.runs import RunError, RunInputs, load_run_inputs, resolve_device, save_atomic, store_identity
+
+log = logging.getLogger("vidshift.train")
+SETTINGS = ("dg", "da")
+
+
+@dataclass
+class TrainConfig:
+    store: Path
+    manifest: Path
+    head: str
+    source: str
+    out: Path
+    target: str | None = None
+    setting: str = "dg"
+    hparams: dict = field(default_factory=dict)   # overrides of the head's defaults (--config / --set)
+    seed: int = 0
+    num_segments: int = 5
+    train_sampling: str = "random"                # TSN: random step per segment; "centre" as TA3N's code
+    features: str = "auto"                        # auto | memory | stream
+    memory_budget_gb: float | None = None         # for "auto"; default: half the free (GPU) memory
+    device: str = "auto"
+    workers: int = 2                              # DataLoader processes when streaming
+    eval_split: str | None = None                 # target split to report; default test, else val
+    skip_missing: bool = False
+    stream: str = "rgb"
+
+    def as_dict(self) -> dict:
+        return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self).items()}
+
+
+def memory_budget(device: torch.device, gigabytes: float | None) -> int:
+    if gigabytes is not None:
+        return int(gigabytes * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def check_config(config: TrainConfig) -> type[heads.Head]:
+    registry = heads.available()
+    if config.head not in registry:
+        raise RunError(f"unknown head {config.head!r}; available: {', '.join(registry)} (`vidshift train --head help`)")
+    head_cls = registry[config.head]
+    if config.setting not in SETTINGS:
+        raise RunError(f"--setting {config.setting!r}: use one of {', '.join(SETTINGS)}")
+    if config.setting not in head_cls.settings:
+        raise RunError(f"head {config.head!r} supports {', '.join(sorted(head_cls.settings))}, not {config.setting!r}")
+    if config.setting == "da" and not config.target:
+        raise RunError("--setting da needs --target DOMAIN (its train split is the unlabelled adaptation data)")
+    if config.train_sampling not in TRAIN_SAMPLINGS:
+        raise RunError(f"--train-sampling {config.train_sampling!r}: use one of {', '.join(TRAIN_SAMPLINGS)}")
+    heads.resolve_hparams(head_cls, config.hparams)  # unknown or ill-typed names fail before any work
+    return head_cls
+
+
+def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
+    """Run (or resume) one training run; return the final report written to ``metrics.json``."""
+    head_cls = check_config(config)
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _log_to(out / "train.log")
+    device = resolve_device(config.device)
+    inputs = load_run_inputs(config, head_cls.input)
+    run_record = {"config": config.as_dict(), "head_hparams": heads.resolve_hparams(head_cls, config.hparams),
+                  "classes": inputs.classes, "store": store_identity(inputs.store, config.stream),
+                  "manifest_sha256": file_sha256(config.manifest), "software": software_versions()}
+    if resume and checkpoint_path.exists():
+        _check_same_run(out / "config.yaml", run_record)
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(run_record, sort_keys=False))
+
+    torch.manual_seed(config.seed)  # head initialisation
+    head = heads.build(config.head, inputs.feat_shape, len(inputs.classes), config.num_segments, config.hparams)
+    head.to(device)
+    hp = head.hparams
+    where = place_features(inputs.feature_sets(), config.features, device,
+                           memory_budget(device, config.memory_budget_gb))
+    log.info("head %s (%d parameters), %s, features %s", config.head,
+             sum(p.numel() for p in head.parameters()), config.setting, where)
+    log.info("GRL/lr schedules and all hparams: %s", json.dumps(hp))
+
+    batches_per_epoch = math.ceil(len(inputs.source_train) / hp["batch_size"])
+    target_batch = (target_batch_size(hp["batch_size"], len(inputs.source_train), len(inputs.target_train))
+                    if inputs.target_train else 0)
+    history, start_epoch = [], 0
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        head.load_state_dict(state["head"])
+        for optimizer, saved in zip(head.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        log.info("resumed after epoch %d", state["epoch"])
+
+    for epoch in range(start_epoch, hp["epochs"]):
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # same plans on resume
+        source_plans = inputs.source_train.epoch_plans(config.num_segments, hp["batch_size"], batches_per_epoch,
+                                                       config.train_sampling, generator)
+        target_plans = (inputs.target_train.epoch_plans(config.num_segments, target_batch, batches_per_epoch,
+                                                        config.train_sampling, generator)
+                        if inputs.target_train else [None] * batches_per_epoch)
+        target_stream = (iterate(inputs.target_train, target_plans, config.workers, device)
+                         if inputs.target_train else iter(target_plans))
+        sums: dict[str, float] = {}
+        head.train()
+        bar = tqdm(iterate(inputs.source_train, source_plans, config.workers, device), total=batches_per_epoch,
+                   desc=f"epoch {epoch + 1}/{hp['epochs']}", unit="batch", leave=False,
+                   disable=None if show_progress else True)
+        for step, (plan, x_source) in enumerate(bar):
+            target_item = next(target_stream)
+            target = UnlabelledBatch(target_item[1]) if target_item is not None else None
+            labels = inputs.source_train.labels[plan.videos].to(device)
+            progress = (epoch * batches_per_epoch + step) / (hp["epochs"] * batches_per_epoch)
+            logs = head.update(LabelledBatch(x_source, labels), target, progress)
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        record = {"epoch": epoch + 1, **{key: value / batches_per_epoch for key, value in sums.items()}}
+        record.update(_evaluate_epoch(head, inputs, config, device))
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        if _is_best(history):
+            save_atomic({"head": head.state_dict(), "epoch": epoch}, out / "best.pt")
+        save_atomic({"head": head.state_dict(), "optimizers": [o.state_dict() for o in head.optimizers],
+                     "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch}, checkpoint_path)
+        _write_metrics(out, history, config)
+    return _write_metrics(out, history, config)
+
+
+def _evaluate_epoch(head, inputs: RunInputs, config: TrainConfig, device: torch.device) -> dict:
+    results = {}
+    for prefix, feature_set in (("src_val", inputs.source_val), ("tgt", inputs.target_eval)):
+        if feature_set is None:
+            continue
+        logits = predict(head, feature_set, config.num_segments, config.workers, device)
+        report = accuracy_report(logits, feature_set.labels, len(inputs.classes))
+        results[f"{prefix}_acc"], results[f"{prefix}_mca"] = report["accuracy"], report["mean_class_accuracy"]
+    return results
+
+
+def _selection_key(record: dict) -> float:
+    # Source val when there is one; without it (no val split) the last epoch is the only honest choice.
+    return record.get("src_val_acc", record["epoch"])
+
+
+def _is_best(history: list[dict]) -> bool:
+    """Whether the newest epoch is the selected one so far (ties keep the earlier epoch)."""
+    return _selection_key(history[-1]) > max((_selection_key(r) for r in history[:-1]), default=-math.inf)
+
+
+def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
+    final = {"epochs_run": len(history)}
+    if history:
+        best = max(history, key=_selection_key)  # max returns the first of ties, as _is_best
+        final.update(selected_epoch=best["epoch"], selection="source val accuracy" if "src_val_acc" in best
+                     else "last epoch (no source val split)", src_val_acc_selected=best.get("src_val_acc"))
+        if "tgt_acc" in best:
+            oracle = max(history, key=lambda r: r["tgt_acc"])
+            final.update(target_acc_selected=best["tgt_acc"], target_mca_selected=best["tgt_mca"],
+                         target_acc_last=history[-1]["tgt_acc"],
+                         oracle_target_acc=oracle["tgt_acc"], oracle_epoch=oracle["epoch"],
+                         oracle_note="best target-test epoch: uses target labels for selection "
+                                     "(what TA3N/APN's official code report); not a valid DG/DA result")
+    report = {"head": config.head, "setting": config.setting, "source": config.source, "target": config.target,
+              "epochs": history, "final": final}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _check_same_run(path: Path, run_record: dict) -> None:
+    saved = yaml.safe_load(path.read_text())
+    for key in ("config", "head_hparams", "classes", "store", "manifest_sha256"):
+        if saved.get(key) != json.loads(json.dumps(run_record[key])):
+            raise RunError(f"--resume: {key} differs from the run in {path.parent} (saved {saved.get(key)!r}, "
+                           f"now {run_record[key]!r}); resume with the same arguments or start a new --out")
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers = [handler]
+    log.setLevel(logging.INFO)
