@@ -155,6 +155,7 @@ class Head(nn.Module, abc.ABC):
     input: ClassVar[Literal["maps", "pooled"]]      # which cached array the head reads
     settings: ClassVar[frozenset[str]]              # protocols it supports: {"dg"}, {"da"} or both
     HPARAMS: ClassVar[dict[str, HParam]]
+    PRESETS: ClassVar[dict[str, dict]] = {}         # named override sets, e.g. an official script's values
 
     def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
         super().__init__()
@@ -224,6 +225,14 @@ def register(cls: type[Head]) -> type[Head]:
                         f"of {{'dg', 'da'}}, got input={cls.input!r} settings={set(cls.settings)}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def preset(cls: type[Head], name: str) -> dict:
+    """The overrides of preset ``name`` of head ``cls``; an unknown name lists the head's presets."""
+    if name not in cls.PRESETS:
+        names = ", ".join(cls.PRESETS) or "none"
+        raise HeadError(f"head '{cls.name}' has no preset {name!r}; its presets: {names}")
+    return dict(cls.PRESETS[name])
 
 
 def available() -> dict[str, type[Head]]:

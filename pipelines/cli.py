@@ -15,6 +15,8 @@ from extract.store import FeatureStore, StoreError
 from extract.store.summary import format_summary, store_summary
 from extract.synth import SynthConfig, describe, generate
 from heads import base as heads
+from pipelines.cli_data import export, import_, manifest
+from pipelines.demo import DemoConfig, run_demo
 from pipelines.evaluate import evaluate_run
 from pipelines.train import TrainConfig, train as run_training
 
@@ -27,18 +29,17 @@ class UserError(click.ClickException):
     exit_code = 1
 
 
-def _fail_cleanly(function):
-    """Turn the input errors our modules raise into one-line messages instead of tracebacks."""
-    def wrapper(*args, **kwargs):
+class VidshiftGroup(click.Group):
+    """Turns the input errors our modules raise, in any subcommand, into one-line messages with exit code 1."""
+
+    def invoke(self, ctx: click.Context):
         try:
-            return function(*args, **kwargs)
+            return super().invoke(ctx)
         except INPUT_ERRORS as error:
             raise UserError(str(error)) from error
-    wrapper.__name__, wrapper.__doc__ = function.__name__, function.__doc__
-    return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=VidshiftGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """vidshift: cached-feature pipeline for video domain adaptation and generalization."""
 
@@ -50,7 +51,6 @@ def main() -> None:
               help="Videos per class and domain.")
 @click.option("--frames", "num_frames", default=SynthConfig.num_frames, show_default=True, help="Frames per video.")
 @click.option("--frame-size", default=SynthConfig.frame_size, show_default=True, help="Base frame side in pixels.")
-@_fail_cleanly
 def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, frame_size: int) -> None:
     """Write the built-in synthetic domain-shift dataset (real videos + manifest.csv) to OUT_DIR."""
     config = SynthConfig(seed=seed, videos_per_class=videos_per_class, num_frames=num_frames, frame_size=frame_size)
@@ -85,7 +85,6 @@ def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, fram
 @click.option("--keep-partial", is_flag=True, help="Keep the decodable prefix of videos that break part-way.")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-init weights (--weights none).")
 @click.option("--fps", type=float, default=None, help="Frame rate of frame directories (videos carry their own).")
-@_fail_cleanly
 def extract(manifest: Path, root: Path | None, out: Path, store_format: str, **options) -> None:
     """Stage one: extract backbone features of MANIFEST's videos into the store --out (resumes if it exists)."""
     config = ExtractConfig(manifest=manifest, root=root or manifest.parent, out=out, format=store_format, **options)
@@ -100,10 +99,14 @@ def store() -> None:
     """Inspect and check feature stores."""
 
 
+main.add_command(manifest)
+store.add_command(import_, "import")
+store.add_command(export)
+
+
 @store.command()
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_fail_cleanly
 def info(path: Path, as_json: bool) -> None:
     """Provenance, counts, sizes, compression ratio and failures of a store."""
     summary = store_summary(FeatureStore.open(path))
@@ -112,7 +115,6 @@ def info(path: Path, as_json: bool) -> None:
 
 @store.command()
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
-@_fail_cleanly
 def verify(path: Path) -> None:
     """Re-read every chunk and video hash; exit 1 naming every bad video."""
     feature_store = FeatureStore.open(path)
@@ -142,6 +144,7 @@ def parse_overrides(config_file: Path | None, assignments: tuple[str, ...]) -> d
 
 def list_heads() -> str:
     rows = [f"  {name:14} {cls.input:6} {'/'.join(sorted(cls.settings)):5} {cls.summary}"
+            + (f" [presets: {', '.join(cls.PRESETS)}]" if cls.PRESETS else "")
             for name, cls in heads.available().items()]
     return "heads (name, input, settings, summary):\n" + "\n".join(rows)
 
@@ -156,6 +159,7 @@ def list_heads() -> str:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML mapping of hyper-parameter overrides.")
 @click.option("--set", "assignments", multiple=True, help="name=value hyper-parameter override (repeatable).")
+@click.option("--preset", default=None, help="A head's named hyper-parameter set (`--head help` lists them).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--segments", "num_segments", default=5, show_default=True, help="TSN segments per video.")
 @click.option("--train-sampling", type=click.Choice(["random", "centre"]), default="random", show_default=True)
@@ -169,7 +173,6 @@ def list_heads() -> str:
 @click.option("--stream", default="rgb", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
-@_fail_cleanly
 def train(store_path, manifest, head, config_file, assignments, out, resume, **options) -> None:
     """Stage two: train a head on cached features (DG or DA protocol) and evaluate it every epoch."""
     if head == "help":
@@ -195,12 +198,26 @@ def train(store_path, manifest, head, config_file, assignments, out, resume, **o
 @click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True,
               help="best: the source-val selected epoch; checkpoint: the last finished epoch.")
 @click.option("--device", default="auto", show_default=True)
-@_fail_cleanly
 def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device) -> None:
     """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run."""
     report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device)
     click.echo(f"{domain}/{split}: {report['videos']} videos, top-1 {report['accuracy']:.4f}, "
                f"mean class accuracy {report['mean_class_accuracy']:.4f}; wrote {run_dir}/eval-{domain}-{split}.*")
+
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--videos-per-class", default=DemoConfig.videos_per_class, show_default=True)
+@click.option("--frame-size", default=DemoConfig.frame_size, show_default=True)
+@click.option("--head", "head_names", multiple=True, help="Only these heads (repeatable) [default: all].")
+@click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+def demo(out: Path, seed: int, videos_per_class: int, frame_size: int, head_names: tuple[str, ...],
+         store_format: str) -> None:
+    """Synth -> extract -> train every head -> table of source-val and target accuracies (minutes on a CPU)."""
+    run_demo(DemoConfig(out=out, seed=seed, videos_per_class=videos_per_class, frame_size=frame_size,
+                        heads=head_names, store_format=store_format), echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,10 @@ def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: 
         for plan in plans:
             yield plan, features.gather(plan)
         return
+    # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, and streaming would
+    # then change the head's dropout draws relative to in-memory training.
     loader = DataLoader(_PlanDataset(features, plans), batch_size=None, num_workers=workers,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, generator=torch.Generator())
     for plan, batch in zip(plans, loader):
         yield plan, batch.to(device)
 
@@ -158,7 +160,7 @@ def place_features(sets: list[FeatureSet], where: str, device: torch.device, bud
         for feature_set in sets:
             feature_set.load(device)
         return f"memory ({total / 2**20:.1f} MiB on {device})"
-    return f"streamed from the store ({total / 2**20:.1f} MiB would not fit the {budget_bytes / 2**20:.0f} MiB budget)"
+    return f"streamed from the store ({total / 2**20:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)"
 
 
 def target_batch_size(source_batch: int, n_source: int, n_target: int) -> int:

@@ -52,7 +52,7 @@ def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, s
     head_cls = heads.available()[config["head"]]
     torch_device = resolve_device(device)
     head = heads.build(config["head"], feature_shape(store, head_cls.input, config["stream"]), len(classes),
-                       config["num_segments"], config["hparams"]).to(torch_device)
+                       config["num_segments"], record["head_hparams"]).to(torch_device)
     weights = run_dir / f"{checkpoint}.pt"
     if not weights.is_file():
         raise RunError(f"{weights} not found; use --checkpoint best or checkpoint (the last finished epoch)")

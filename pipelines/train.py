@@ -48,6 +48,7 @@ class TrainConfig:
     target: str | None = None
     setting: str = "dg"
     hparams: dict = field(default_factory=dict)   # overrides of the head's defaults (--config / --set)
+    preset: str | None = None                     # a head's named override set, applied before ``hparams``
     seed: int = 0
     num_segments: int = 5
     train_sampling: str = "random"                # TSN: random step per segment; "centre" as TA3N's code
@@ -84,8 +85,13 @@ def check_config(config: TrainConfig) -> type[heads.Head]:
         raise RunError("--setting da needs --target DOMAIN (its train split is the unlabelled adaptation data)")
     if config.train_sampling not in TRAIN_SAMPLINGS:
         raise RunError(f"--train-sampling {config.train_sampling!r}: use one of {', '.join(TRAIN_SAMPLINGS)}")
-    heads.resolve_hparams(head_cls, config.hparams)  # unknown or ill-typed names fail before any work
+    heads.resolve_hparams(head_cls, head_overrides(config, head_cls))  # unknown/ill-typed names fail early
     return head_cls
+
+
+def head_overrides(config: TrainConfig, head_cls: type[heads.Head]) -> dict:
+    """Preset first, then the config file and --set values (already merged into ``config.hparams``)."""
+    return {**(heads.preset(head_cls, config.preset) if config.preset else {}), **config.hparams}
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
@@ -99,7 +105,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     _log_to(out / "train.log")
     device = resolve_device(config.device)
     inputs = load_run_inputs(config, head_cls.input)
-    run_record = {"config": config.as_dict(), "head_hparams": heads.resolve_hparams(head_cls, config.hparams),
+    overrides = head_overrides(config, head_cls)
+    run_record = {"config": config.as_dict(), "head_hparams": heads.resolve_hparams(head_cls, overrides),
                   "classes": inputs.classes, "store": store_identity(inputs.store, config.stream),
                   "manifest_sha256": file_sha256(config.manifest), "software": software_versions()}
     if resume and checkpoint_path.exists():
@@ -108,7 +115,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_record, sort_keys=False))
 
     torch.manual_seed(config.seed)  # head initialisation
-    head = heads.build(config.head, inputs.feat_shape, len(inputs.classes), config.num_segments, config.hparams)
+    head = heads.build(config.head, inputs.feat_shape, len(inputs.classes), config.num_segments, overrides)
     head.to(device)
     hp = head.hparams
     where = place_features(inputs.feature_sets(), config.features, device,
@@ -156,9 +163,9 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
         record = {"epoch": epoch + 1, **{key: value / batches_per_epoch for key, value in sums.items()}}
         record.update(_evaluate_epoch(head, inputs, config, device))
-        record["seconds"] = time.perf_counter() - started
-        history.append(record)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        history.append(record)  # no timings in it: metrics.json must be identical between identical runs
+        log.info("epoch %d (%.1fs): %s", epoch + 1, time.perf_counter() - started,
+                 ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if _is_best(history):
             save_atomic({"head": head.state_dict(), "epoch": epoch}, out / "best.pt")
         save_atomic({"head": head.state_dict(), "optimizers": [o.state_dict() for o in head.optimizers],
@@ -203,7 +210,9 @@ def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
                                      "(what TA3N/APN's official code report); not a valid DG/DA result")
     report = {"head": config.head, "setting": config.setting, "source": config.source, "target": config.target,
               "epochs": history, "final": final}
-    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "metrics.json")  # readers (dashboards, tests) never see half a file
     return report
 
 

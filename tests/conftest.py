@@ -45,3 +45,44 @@ def make_video(tmp_path):
         return write_video(tmp_path / name, gradient_frames(num_frames, height, width, seed), fps, codec)
 
     return _make
+
+
+def make_feature_store(root: Path, map_shape=(2, 2, 8), classes=("a", "b", "c"), per_class=8, steps=6,
+                       target_shift=0.0, backend="zarr", seed=0, noise=0.3) -> tuple[Path, Path]:
+    """A real feature store + manifest with learnable features, written through the store API (no backbone).
+
+    Domains ``src`` and ``tgt``, splits train/val/test, ``per_class`` videos per class, domain and split.
+    Each class has a random prototype map; a video is its prototype plus noise, with a per-step ramp so the
+    time order carries signal. The target adds ``target_shift`` to every value (a covariate shift).
+    Returns (store_dir, manifest_path).
+    """
+    import csv
+
+    from extract.store import FeatureStore
+
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(size=(len(classes), *map_shape)).astype(np.float32)
+    provenance = {"features": {"name": "synthetic", "map_shape": list(map_shape), "dtype": "float16"},
+                  "software": {}}
+    store = FeatureStore.create_or_open(root / "store", backend, "rgb", provenance)
+    part = store.new_part("s0of1", "rgb", "float16", map_shape[-1], {})
+    rows = []
+    for domain, shift in (("src", 0.0), ("tgt", target_shift)):
+        for split in ("train", "val", "test"):
+            for c, label in enumerate(classes):
+                for i in range(per_class):
+                    video_id = f"{domain}/{split}/{label}/{i}"
+                    ramp = np.linspace(-0.5, 0.5, steps, dtype=np.float32)[:, None, None, None]
+                    maps = prototypes[c] * (1 + ramp) + noise * rng.normal(size=(steps, *map_shape)) + shift
+                    video = part.video(video_id, {"label": label, "domain": domain, "split": split})
+                    video.append(np.stack([np.arange(steps)] * 2, axis=1), np.maximum(maps, 0).astype(np.float32))
+                    video.finish()
+                    rows.append({"path": f"{video_id}.mp4", "label": label, "domain": domain, "split": split,
+                                 "video_id": video_id})
+    part.commit()
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["path", "label", "domain", "split", "video_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "store", manifest
