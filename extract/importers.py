@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .manifest import VideoEntry
 from .provenance import software_versions
-from .store import FeatureStore, FeatureValueError, StoreError
+from .store import FeatureStore, FeatureValueError, PartSequence, PartWriter, StoreError
 
 IMPORT_TAG = "import"
 VIDEOS_PER_PART = 256
@@ -76,27 +76,20 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
         present = store.videos(stream)
         todo = [source for source in sources if source.entry.video_id not in present]
         summary.skipped = len(sources) - len(todo)
-        part, in_part = None, 0
-        try:
+
+        def new_part() -> PartWriter:
+            return store.new_part(IMPORT_TAG, stream, "float32", features["channels"],
+                                  {**part_info, "software": provenance["software"]})
+
+        with PartSequence(new_part, VIDEOS_PER_PART) as parts:
             for source in tqdm(todo, unit="video", desc="import", disable=None):
-                part = part or store.new_part(IMPORT_TAG, stream, "float32", features["channels"],
-                                              {**part_info, "software": provenance["software"]})
-                if _import_one(source, part, features["channels"], summary):
-                    in_part += 1
-                if in_part >= VIDEOS_PER_PART:
-                    part.commit()
-                    part, in_part = None, 0
-            if part is not None:
-                part.commit()
-        except BaseException:
-            if part is not None:
-                part.abort()
-            raise
+                _import_one(source, parts.current(), features["channels"], summary)
+                parts.video_done()
         store.rebuild_index()
     return summary
 
 
-def _import_one(source: PooledSource, part, channels: int, summary: ImportSummary) -> bool:
+def _import_one(source: PooledSource, part: PartWriter, channels: int, summary: ImportSummary) -> None:
     entry = source.entry
     try:
         steps, pooled = source.load()
@@ -111,9 +104,8 @@ def _import_one(source: PooledSource, part, channels: int, summary: ImportSummar
     except (ValueError, OSError, RuntimeError, FeatureValueError) as error:
         part.record_failure(entry.video_id, entry.path, "import", str(error))
         summary.failures.append({"video_id": entry.video_id, "path": entry.path, "reason": str(error)})
-        return False
+        return
     summary.imported += 1
-    return True
 
 
 # ---- TA3N: one .t7 tensor per frame ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .backbones import Preprocess, build_backbone
 from .decode import DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
 from .manifest import VideoEntry, file_sha256, read_manifest
 from .provenance import software_versions
-from .store import DEFAULT_STREAM, FeatureStore, FeatureValueError, PartWriter
+from .store import DEFAULT_STREAM, FeatureStore, FeatureValueError, PartSequence, PartWriter
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -119,26 +119,14 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
         jobs = (DecodeJob(entry.video_id, entry.resolve(config.root), sampling, entry.start_frame,
                           entry.end_frame, config.fps) for entry in todo)
         by_id = {entry.video_id: entry for entry in todo}
-        part, in_part = None, 0
         bar = tqdm(total=len(todo), unit="video", disable=None if show_progress else True, desc="extract")
-        try:
+        with bar, PartSequence(new_part, config.videos_per_part) as parts:
             for decoded in prefetch(jobs, config.batch_size, config.workers):
-                part = part or new_part()
-                summary.frames += _extract_video(by_id[decoded.job.key], decoded, backbone, part, config, summary)
-                in_part += 1
+                entry = by_id[decoded.job.key]
+                summary.frames += _extract_video(entry, decoded, backbone, parts.current(), config, summary)
+                parts.video_done()
                 bar.update()
                 bar.set_postfix(frames_per_s=f"{summary.frames / (time.perf_counter() - started):.1f}")
-                if in_part >= config.videos_per_part:
-                    part.commit()
-                    part, in_part = None, 0
-            if part is not None:
-                part.commit()
-        except BaseException:
-            if part is not None:
-                part.abort()
-            raise
-        finally:
-            bar.close()
         store.rebuild_index()
     summary.seconds = time.perf_counter() - started
     return summary

@@ -75,11 +75,13 @@ DOMAIN_STYLES: dict[str, DomainStyle] = {
         summary="white squares on flat backgrounds, steady camera, 12 fps, square frames, H.264 .mp4",
         shape="square", object_rgb=(245, 245, 245), background_gain=1.0, stripe_contrast=0.0,
         jitter=0.0, noise_sigma=0.0, fps=12, scale=(1.0, 1.0), container="mp4"),
+    # Calibrated against random ResNet-18 maps: each change below costs a motion model a few points of
+    # transfer; stronger texture (contrast 35), shake (1.5%) or noise (sigma 5) took it to chance.
     "outdoor": DomainStyle(
-        summary="yellow discs on striped backgrounds, shaky camera, mild noise, 15 fps, wide frames, "
-                "MPEG-4 .avi",
-        shape="disc", object_rgb=(250, 225, 90), background_gain=1.0, stripe_contrast=35.0,
-        jitter=0.015, noise_sigma=5.0, fps=15, scale=(0.875, 1.125), container="avi"),
+        summary="cream discs on faintly striped backgrounds, slight camera shake, mild noise, 15 fps, "
+                "wide frames, MPEG-4 .avi",
+        shape="disc", object_rgb=(250, 240, 190), background_gain=1.0, stripe_contrast=8.0,
+        jitter=0.005, noise_sigma=3.0, fps=15, scale=(0.875, 1.125), container="avi"),
     "night": DomainStyle(
         summary="pale cyan diamonds on dark backgrounds, mild noise, 10 fps, smaller frames, H.264 .mp4",
         shape="diamond", object_rgb=(150, 215, 230), background_gain=0.45, stripe_contrast=0.0,
@@ -209,8 +211,8 @@ def render_clip(label: str, background: str, style: DomainStyle, num_frames: int
     unit = min(height, width)                           # lengths are fractions of the shorter side
     extent = REFERENCE_FPS / style.fps                  # same physical speed at every frame rate
     progress = np.linspace(-0.5, 0.5, num_frames)       # centred, so the mean position says nothing
-    size = unit * rng.uniform(0.16, 0.22) * np.exp(dlog_size * rng.uniform(0.7, 1.0) * extent * progress)
-    travel = unit * rng.uniform(0.35, 0.5) * extent
+    size = unit * rng.uniform(0.2, 0.26) * np.exp(dlog_size * rng.uniform(0.7, 1.0) * extent * progress)
+    travel = unit * rng.uniform(0.4, 0.55) * extent
     # Place the path's midpoint at random where the whole path, object included, stays inside the frame.
     reach_x = abs(dx) * travel / 2 + size.max() / 2 + 2
     reach_y = abs(dy) * travel / 2 + size.max() / 2 + 2

@@ -121,6 +121,22 @@ def test_changed_settings_are_refused(store):
     assert same.provenance()["features"]["backbone"] == "tiny"
 
 
+def test_a_second_stream_joins_the_store_with_its_own_provenance(store):
+    rng = np.random.default_rng(4)
+    write_part(store, {"v": random_maps(rng, 2)})
+    flow = {"features": {"name": "flow-net", "channels": 3}, "software": {}}
+    with_flow = FeatureStore.create_or_open(store.root, store.backend, "flow", flow)
+    part = with_flow.new_part("flow", "flow", "float32", 3, {})
+    video = part.video("v", {"label": "a"})
+    video.append(steps_for(4), pooled=np.ones((4, 3), dtype=np.float32))
+    video.finish()
+    part.commit()
+    reopened = FeatureStore.open(store.root)
+    assert sorted(reopened.streams) == ["flow", "rgb"] and reopened.provenance("flow") == flow
+    assert reopened.read("v", "pooled", stream="flow").shape == (4, 3)
+    assert reopened.read("v", "pooled", stream="rgb").shape == (2, MAP_SHAPE[-1])
+
+
 def test_lock_is_exclusive_and_cleans_stale_temporary_parts(store):
     stale = store.new_part("s0of1", "rgb", "float16", MAP_SHAPE[-1], {})
     assert stale.tmp_path.exists()

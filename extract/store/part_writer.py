@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -173,3 +174,34 @@ class VideoWriter:
                     f"{self.video_id}: activation {peak:.4g} exceeds {self.part.dtype.name}'s range "
                     f"({limit:.4g}) and would be stored as inf; re-run with --dtype float32 (random-init "
                     f"deep ResNets do this; pretrained weights normally fit float16)")
+
+
+class PartSequence:
+    """Rotates parts during a run: each holds at most ``videos_per_part`` videos and is committed when full.
+
+    On leaving the ``with`` block normally the open part is committed; on an exception (or a kill signal turned
+    into one) it is aborted, so only whole parts ever become visible.
+    """
+
+    def __init__(self, make_part: Callable[[], PartWriter], videos_per_part: int) -> None:
+        self.make_part, self.videos_per_part = make_part, videos_per_part
+        self.part: PartWriter | None = None
+        self.in_part = 0
+
+    def current(self) -> PartWriter:
+        self.part = self.part or self.make_part()
+        return self.part
+
+    def video_done(self) -> None:
+        """Count one video (stored or failed) into the current part; commit it when full."""
+        self.in_part += 1
+        if self.in_part >= self.videos_per_part:
+            self.current().commit()
+            self.part, self.in_part = None, 0
+
+    def __enter__(self) -> "PartSequence":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if self.part is not None:
+            self.part.commit() if error_type is None else self.part.abort()

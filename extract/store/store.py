@@ -91,17 +91,25 @@ class FeatureStore:
         finally:
             tmp.unlink()
         store = cls.open(root)
-        store._check_compatible(backend, stream, provenance)
+        if backend != store.backend:
+            raise StoreError(f"{root} is a {store.backend} store; re-run with --format {store.backend} "
+                             f"or choose a new --out directory")
+        if stream not in store.meta["streams"]:
+            store._add_stream(stream, provenance)
+        store._check_compatible(stream, provenance)
         return store
 
-    def _check_compatible(self, backend: str, stream: str, provenance: dict) -> None:
-        if backend != self.backend:
-            raise StoreError(f"{self.root} is a {self.backend} store; re-run with --format {self.backend} "
-                             f"or choose a new --out directory")
-        existing = self.meta["streams"].get(stream)
-        if existing is None:
-            raise StoreError(f"{self.root}: stream {stream!r} is not in this store (it has "
-                             f"{', '.join(self.meta['streams'])}); streams are fixed when the store is created")
+    def _add_stream(self, stream: str, provenance: dict) -> None:
+        """Add a stream (e.g. Flow next to RGB) to an existing store; store.json is replaced atomically."""
+        with open(self.root / ".lock-store-json", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # writers adding streams at the same time queue up here
+            meta = json.loads((self.root / "store.json").read_text())
+            meta["streams"].setdefault(stream, provenance)
+            _write_json_atomic(self.root / "store.json", meta)
+        self.meta = meta
+
+    def _check_compatible(self, stream: str, provenance: dict) -> None:
+        existing = self.meta["streams"][stream]
         differences = {key for key in existing["features"].keys() | provenance["features"].keys()
                        if existing["features"].get(key) != provenance["features"].get(key)}
         if differences:
