@@ -70,9 +70,8 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
     """
     features = {**features, "map_shape": None, "stream": stream}
     provenance = {"features": features, "software": software_versions()}
-    store = FeatureStore.create_or_open(out, backend, stream, provenance)
     summary = ImportSummary(store=Path(out))
-    with store.lock(IMPORT_TAG):
+    with FeatureStore.create_or_open(out, backend, stream, provenance) as store, store.lock(IMPORT_TAG):
         present = store.videos(stream)
         todo = [source for source in sources if source.entry.video_id not in present]
         summary.skipped = len(sources) - len(todo)

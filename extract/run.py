@@ -102,11 +102,10 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
     backbone = build_backbone(config.backbone, config.weights, Preprocess(config.frame_size, resize),
                               config.device, config.precision, config.seed)
     provenance = store_provenance(config, backbone)
-    store = FeatureStore.create_or_open(config.out, config.format, config.stream, provenance)
     tag = f"s{shard_index}of{shard_count}"
     summary = ExtractSummary(store=config.out)
     started = time.perf_counter()
-    with store.lock(tag):
+    with FeatureStore.create_or_open(config.out, config.format, config.stream, provenance) as store, store.lock(tag):
         present = store.videos(config.stream)
         todo = [entry for entry in entries if entry.video_id not in present]
         summary.skipped = len(entries) - len(todo)

@@ -109,7 +109,8 @@ store.add_command(export)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(path: Path, as_json: bool) -> None:
     """Provenance, counts, sizes, compression ratio and failures of a store."""
-    summary = store_summary(FeatureStore.open(path))
+    with FeatureStore.open(path) as feature_store:
+        summary = store_summary(feature_store)
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
@@ -117,9 +118,9 @@ def info(path: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 def verify(path: Path) -> None:
     """Re-read every chunk and video hash; exit 1 naming every bad video."""
-    feature_store = FeatureStore.open(path)
-    problems = feature_store.verify()
-    total = sum(len(feature_store.videos(stream)) for stream in feature_store.streams)
+    with FeatureStore.open(path) as feature_store:
+        problems = feature_store.verify()
+        total = sum(len(feature_store.videos(stream)) for stream in feature_store.streams)
     for problem in problems:
         click.echo(f"BAD {problem}")
     click.echo(f"{total} videos checked, {len(problems)} problem(s)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,33 +39,56 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
             "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
 
 
-def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, split: str,
-                 checkpoint: str = "best", device: str = "auto", workers: int = 2) -> dict:
-    """Evaluate a trained run on ``domain``/``split`` of any compatible store; writes eval-<domain>-<split>.*"""
+@dataclass
+class LoadedRun:
+    """A trained run ready to evaluate: its ``config.yaml`` record, the store it reads and the restored head."""
+
+    record: dict
+    store: FeatureStore
+    head: heads.Head
+    device: torch.device
+
+    @property
+    def config(self) -> dict:
+        return self.record["config"]
+
+
+def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: str = "auto") -> LoadedRun:
+    """Rebuild a run's head from ``config.yaml`` and load ``<checkpoint>.pt``; the store must match the run's."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise RunError(f"{run_dir}: not a run dir (no config.yaml); pass the --out of a `vidshift train` run")
     record = yaml.safe_load(config_path.read_text())
-    config, classes = record["config"], record["classes"]
+    config = record["config"]
     store = FeatureStore.open(store_path)
     check_store_matches(record["store"], store, config["stream"])
     head_cls = heads.available()[config["head"]]
     torch_device = resolve_device(device)
-    head = heads.build(config["head"], feature_shape(store, head_cls.input, config["stream"]), len(classes),
-                       config["num_segments"], record["head_hparams"]).to(torch_device)
+    head = heads.build(config["head"], feature_shape(store, head_cls.input, config["stream"]),
+                       len(record["classes"]), config["num_segments"], record["head_hparams"]).to(torch_device)
     weights = run_dir / f"{checkpoint}.pt"
     if not weights.is_file():
         raise RunError(f"{weights} not found; use --checkpoint best or checkpoint (the last finished epoch)")
     head.load_state_dict(torch.load(weights, map_location=torch_device, weights_only=True)["head"])
+    return LoadedRun(record, store, head, torch_device)
+
+
+def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, split: str,
+                 checkpoint: str = "best", device: str = "auto", workers: int = 2) -> dict:
+    """Evaluate a trained run on ``domain``/``split`` of any compatible store; writes eval-<domain>-<split>.*"""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, store_path, checkpoint, device)
+    config, classes = run.config, run.record["classes"]
     entries = select(read_manifest(manifest), domain, split)
     unknown = sorted({entry.label for entry in entries} - set(classes))
     if unknown:
         raise RunError(f"{manifest}: labels {unknown} were not among the run's classes {classes}")
-    features = open_feature_set(store, entries, head_cls.input, classes, config["stream"], skip_missing=False)
+    features = open_feature_set(run.store, entries, run.head.input, classes, config["stream"], skip_missing=False)
     if features is None:
         raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")
-    logits = predict(head, features, config["num_segments"], workers, torch_device)
+    run.head.set_eval_domain("source" if domain == config["source"] else "target")  # AdaBN: whose BN statistics
+    logits = predict(run.head, features, config["num_segments"], workers, run.device)
     report = accuracy_report(logits, features.labels, len(classes))
     report.update(domain=domain, split=split, videos=len(features), checkpoint=checkpoint, classes=classes)
     stem = run_dir / f"eval-{domain}-{split}"

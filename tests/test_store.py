@@ -5,7 +5,10 @@ import h5py
 import numpy as np
 import pytest
 
+from click.testing import CliRunner
+
 from extract.store import FeatureStore, FeatureValueError, StoreError
+from pipelines.cli import main
 
 MAP_SHAPE = (2, 3, 4)
 BACKENDS = ["zarr", "hdf5"]
@@ -106,9 +109,12 @@ def flip_byte_in_first_chunk(store):
 def test_verify_names_the_video_with_a_flipped_byte(store):
     rng = np.random.default_rng(2)
     write_part(store, {"first": random_maps(rng, 2), "second": random_maps(rng, 2)})
+    assert CliRunner().invoke(main, ["store", "verify", str(store.root)]).exit_code == 0
     flip_byte_in_first_chunk(store)
     problems = FeatureStore.open(store.root).verify()
     assert len(problems) == 1 and problems[0].startswith("video first")
+    result = CliRunner().invoke(main, ["store", "verify", str(store.root)])
+    assert result.exit_code == 1 and "BAD video first" in result.output and "1 problem(s)" in result.output
 
 
 def test_changed_settings_are_refused(store):

@@ -217,6 +217,12 @@ class FeatureStore:
             reader.close()
         self._readers.clear()
 
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def __getstate__(self) -> dict:
         # DataLoader workers get a copy without open handles and open their own after the fork.
         return {**self.__dict__, "_readers": {}}
