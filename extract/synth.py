@@ -8,8 +8,9 @@ cue that predicts the class for a fraction `static_cue_strength` of the videos; 
 colour is balanced across classes. A model that learns the colour instead of the motion looks good on the
 source and falls to chance on the target: the spatial-bias failure the video DA/DG papers attack.
 
-Everything is derived from the seed: the same seed gives a byte-identical manifest and identical decoded
-frames (the encoders run single-threaded, since x264's output depends on its thread count).
+Everything is derived from the seed: with the same PyAV/FFmpeg build, the same seed gives a byte-identical
+manifest and byte-identical video files, hence identical decoded frames (`write_video` says which encoder
+settings that takes).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class DomainStyle:
     object_rgb: tuple[int, int, int]
     background_gain: float          # multiplies the palette colour (< 1: a darker scene)
     stripe_contrast: float          # amplitude of a stripe texture over the background, 0 = flat
-    jitter: float                   # camera shake, std of the per-frame offset as a fraction of the frame
+    jitter: float                   # camera shake: std of the per-frame offset, fraction of the shorter side
     noise_sigma: float              # per-pixel Gaussian noise (of 255); keep mild, heavy noise hides motion
     fps: int
     scale: tuple[float, float]      # (height, width) relative to `frame_size`
@@ -126,8 +127,8 @@ def describe(config: SynthConfig) -> str:
     """One paragraph saying what `generate(config)` produces."""
     cue_domain, *other_domains = config.domains
     styles = "; ".join(f"{name}: {DOMAIN_STYLES[name].summary}" for name in config.domains)
-    balanced = (f" In {', '.join(other_domains)} every colour appears equally often with every class, "
-                "so the colour is useless there." if other_domains else "")
+    balanced = (f" In {', '.join(other_domains)} the colours are spread evenly over the classes, so the "
+                "colour predicts nothing there." if other_domains else "")
     return (f"{len(CLASSES)} classes defined only by motion ({', '.join(CLASSES)}), "
             f"{config.videos_per_class} videos per class per domain of {config.num_frames} frames "
             f"(base size {config.frame_size} px), split train/val/test. Domains differ in appearance: "
@@ -176,18 +177,19 @@ def _plan_domain(domain: str, config: SynthConfig) -> list[dict]:
             video_id = f"{domain}/{split}/{label}/{domain}_{label}_{index:03d}"
             rows.append(dict(path=f"{video_id}.{style.container}", label=label, domain=domain, split=split,
                              video_id=video_id, fps=style.fps, num_frames=config.num_frames, height=height,
-                             width=width, background=background, shape=style.shape, index=index))
+                             width=width, background=background, shape=style.shape,
+                             index=index))   # `index` seeds the video; it is not a manifest column
     return rows
 
 
 def _cue_backgrounds(label: str, splits: list[str], strength: float) -> list[str]:
-    """Cue colour for round(strength * m) of the m videos of each split, the other colours in turn for
-    the rest: exact rates per split make source-val accuracy of a colour-only model predictable."""
+    """Cue colour for strength * m (rounded half up) of the m videos of each split, the other colours in
+    turn for the rest: exact rates per split make the source accuracy of a colour-only model predictable."""
     others = [colour for colour in PALETTE if colour != CUE_COLOURS[label]]
     backgrounds = []
     for split in dict.fromkeys(splits):
         m = splits.count(split)
-        n_cue = round(strength * m)
+        n_cue = math.floor(strength * m + 0.5)
         backgrounds += [CUE_COLOURS[label]] * n_cue + [others[j % len(others)] for j in range(m - n_cue)]
     return backgrounds
 
@@ -266,7 +268,10 @@ def write_video(path: Path, frames: np.ndarray, fps: int, container: str) -> Non
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1   # x264's output depends on its thread count
         if codec == "libx264":
-            stream.options = {"crf": "18"}       # near-lossless: the objects are small
+            # crf 18: near-lossless, the objects are small. mbtree=0: with MB-tree on, this x264 build
+            # gave different bytes (and decoded pixels) for the same input from run to run on small
+            # frames, even single-threaded; without it, repeated encodes are identical.
+            stream.options = {"crf": "18", "x264-params": "mbtree=0"}
         else:
             stream.codec_context.qscale = True   # fixed quantiser instead of mpeg4's 200 kb/s default
             stream.codec_context.global_quality = 3

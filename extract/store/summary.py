@@ -31,11 +31,11 @@ def store_summary(store: FeatureStore) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    def size(n: int) -> str:
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if n < 1024 or unit == "TiB":
-                return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-            n /= 1024
+    def size(n: float) -> str:
+        unit = 0
+        while n >= 1024 and unit < 4:
+            n, unit = n / 1024, unit + 1
+        return f"{n:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
 
     lines = [f"store      {summary['path']} ({summary['backend']}, created {summary['created']})",
              f"parts      {summary['parts']}, {size(summary['disk_bytes'])} on disk"]
