@@ -213,12 +213,13 @@ def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device) -
 @click.option("--videos-per-class", default=DemoConfig.videos_per_class, show_default=True)
 @click.option("--frame-size", default=DemoConfig.frame_size, show_default=True)
 @click.option("--head", "head_names", multiple=True, help="Only these heads (repeatable) [default: all].")
+@click.option("--epochs", default=DemoConfig.epochs, show_default=True, help="Training epochs per head.")
 @click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-def demo(out: Path, seed: int, videos_per_class: int, frame_size: int, head_names: tuple[str, ...],
+def demo(out: Path, seed: int, videos_per_class: int, frame_size: int, head_names: tuple[str, ...], epochs: int,
          store_format: str) -> None:
     """Synth -> extract -> train every head -> table of source-val and target accuracies (minutes on a CPU)."""
     run_demo(DemoConfig(out=out, seed=seed, videos_per_class=videos_per_class, frame_size=frame_size,
-                        heads=head_names, store_format=store_format), echo=click.echo)
+                        heads=head_names, epochs=epochs, store_format=store_format), echo=click.echo)
 
 
 if __name__ == "__main__":
