@@ -181,6 +181,13 @@ class Head(nn.Module, abc.ABC):
         (the total minimised), its named parts, and ``lr`` / ``grad_norm`` from :meth:`optimizer_step`.
         """
 
+    def set_eval_domain(self, domain: Literal["source", "target"]) -> None:
+        """Say which domain the following ``forward`` calls evaluate; a no-op unless the head keeps per-domain state.
+
+        AdaBN overrides it to normalise with that domain's batch-norm statistics. The trainer calls it before
+        evaluating each split: "source" for source val, "target" for the target split.
+        """
+
     def make_optimizer(self, params: Iterable[nn.Parameter] | Iterable[dict]) -> torch.optim.SGD:
         """SGD with the shared hparams (TA3N §7.3), appended to ``self.optimizers``."""
         h = self.hparams

@@ -17,6 +17,7 @@ from extract.synth import SynthConfig, describe, generate
 from heads import base as heads
 from pipelines.cli_data import export, import_, manifest
 from pipelines.demo import DemoConfig, run_demo
+from pipelines.diagnose import diagnose
 from pipelines.evaluate import evaluate_run
 from pipelines.train import TrainConfig, train as run_training
 
@@ -100,6 +101,7 @@ def store() -> None:
 
 
 main.add_command(manifest)
+main.add_command(diagnose)
 store.add_command(import_, "import")
 store.add_command(export)
 

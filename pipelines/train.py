@@ -179,6 +179,7 @@ def _evaluate_epoch(head, inputs: RunInputs, config: TrainConfig, device: torch.
     for prefix, feature_set in (("src_val", inputs.source_val), ("tgt", inputs.target_eval)):
         if feature_set is None:
             continue
+        head.set_eval_domain("source" if prefix == "src_val" else "target")  # e.g. AdaBN's per-domain BN stats
         logits = predict(head, feature_set, config.num_segments, config.workers, device)
         report = accuracy_report(logits, feature_set.labels, len(inputs.classes))
         results[f"{prefix}_acc"], results[f"{prefix}_mca"] = report["accuracy"], report["mean_class_accuracy"]

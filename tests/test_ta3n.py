@@ -1,0 +1,211 @@
+"""TA2N / TA3N: each equation on hand-computable inputs, the GRL coefficients, the options, and a synthetic shift."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_feature_store
+from heads import HeadError, LabelledBatch, UnlabelledBatch, build
+from heads.base import preset
+from heads.ta3n import TA3N, attentive_entropy, domain_attention
+from pipelines.train import TrainConfig, train
+
+FEAT_DIM, NUM_CLASSES, NUM_SEGMENTS = 8, 4, 5
+SMALL = {"frame_dim": 16, "relation_dim": 16, "init_std": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_head(name: str = "ta3n", **extra):
+    torch.manual_seed(0)
+    return build(name, (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, {**SMALL, **extra})
+
+
+def videos(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, NUM_SEGMENTS, FEAT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def pin_output(discriminator, second_logit: float) -> None:
+    """Make a discriminator output the logits (0, second_logit) whatever its input."""
+    last = discriminator.classifier[-1]
+    torch.nn.init.zeros_(last.weight)
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([0.0, second_logit]))
+
+
+# H of softmax(0, ln k) = p (1/(1+k), k/(1+k)), in bits; w = 1 - H
+H_BITS = {1: 1.0, 3: 0.8112781244591328, 7: 0.5435644431995964}
+
+
+# --------------------------------------------------------------------------------------- eq. 7-9
+
+def test_domain_attention_is_one_minus_the_entropy():
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3)], [0.0, math.log(7)], [50.0, -50.0]])
+    assert domain_attention(logits, "bits").tolist() == pytest.approx([0.0, 1 - H_BITS[3], 1 - H_BITS[7], 1.0])
+    assert domain_attention(logits[:1], "nats").item() == pytest.approx(1 - math.log(2))   # the code's 0.307
+
+
+def test_ta3n_video_feature_is_the_attended_sum_of_relations_with_residual():
+    head = small_head().eval()
+    for discriminator, k in zip(head.discriminators["relation"], (1, 3, 7, 1)):    # scales 5, 4, 3, 2
+        pin_output(discriminator, math.log(k))
+    x = videos(3, seed=1)
+    out = head.run(x)
+    w = torch.tensor([1 - H_BITS[k] for k in (1, 3, 7, 1)])
+    assert torch.allclose(out.attention, w.expand(3, 4))
+    relations = head.temporal.relations(head.frame_mlp(x))                            # R_n, [3, 4, 16]
+    expected = ((1 + w)[None, :, None] * relations).sum(dim=1)                       # eq. 8
+    assert torch.allclose(out.video, expected, atol=1e-6)
+    assert torch.allclose(head(x), head.classifier(expected), atol=1e-6)
+
+
+def test_ta3n_on_pooling_attends_each_frame_with_the_frame_discriminator():       # §7.2, Fig. 7
+    head = small_head(temporal="pooling").eval()
+    assert set(head.discriminators) == {"frame", "video"}
+    pin_output(head.discriminators["frame"], math.log(3))
+    x = videos(2, seed=2)
+    frames = head.frame_mlp(x)
+    assert torch.allclose(head.video_features(x), (2 - H_BITS[3]) * frames.mean(dim=1), atol=1e-6)
+
+
+def test_attentive_entropy_value():
+    class_logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])     # H(ŷ) = 2 bits, 0
+    domain_logits = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]])                  # H(d̂) = 0.811, 1 bit
+    assert attentive_entropy(class_logits, domain_logits, "bits").item() == pytest.approx((1 + H_BITS[3]) * 2 / 2)
+    nats = (1 + H_BITS[3] * math.log(2)) * math.log(4) / 2
+    assert attentive_entropy(class_logits, domain_logits, "nats").item() == pytest.approx(nats)
+
+
+def test_ta3n_loss_adds_gamma_times_the_attentive_entropy_over_source_and_target():
+    head = small_head(gamma=0.3).eval()
+    torch.nn.init.zeros_(head.classifier[1].weight)           # ŷ uniform over 4 classes: H(ŷ) = 2 bits
+    torch.nn.init.zeros_(head.classifier[1].bias)
+    pin_output(head.discriminators["video"], math.log(3))    # H(d̂) = 0.811 bits for every video
+    out = head.run(videos(6, seed=3))
+    terms = head.loss_terms(out, torch.tensor([0, 1, 2]))     # 3 source + 3 target videos
+    assert terms["loss_ae"].item() == pytest.approx(0.3 * (1 + H_BITS[3]) * 2)
+    assert terms["loss_y"].item() == pytest.approx(math.log(4))
+    assert terms["loss_video"].item() == pytest.approx(-(math.log(1 / 4) + math.log(3 / 4)) / 2)
+
+
+# ------------------------------------------------------------------------------------ GRL coefficients
+
+def test_dann_schedule_of_the_grl_coefficients():
+    head = small_head("ta2n", grl_schedule="dann")
+    ramp = {0.0: 0.0, 0.1: 2 / (1 + math.exp(-1)) - 1, 0.5: 2 / (1 + math.exp(-5)) - 1}   # 0, 0.4621, 0.9866
+    src, tgt = LabelledBatch(videos(4, seed=4), torch.tensor([0, 1, 2, 3])), UnlabelledBatch(videos(3, seed=5))
+    for progress, scale in ramp.items():
+        expected = {"frame": 0.75 * scale, "relation": 0.5 * scale, "video": 0.75 * scale}  # λs, λr, λt (§7.3)
+        assert head.grl_coefficients(progress) == pytest.approx(expected)
+        logs = head.train().update(src, tgt, progress)
+        assert [logs[f"grl_{level}"] for level in expected] == pytest.approx(list(expected.values()))
+    assert small_head("ta2n").grl_coefficients(0.1) == pytest.approx({"frame": 0.75, "relation": 0.5, "video": 0.75})
+
+
+def test_each_discriminator_gradient_reaches_the_features_reversed_and_scaled_by_its_lambda():
+    lambdas = {"frame": 0.3, "relation": 0.6, "video": 1.7}
+    head = small_head("ta2n", lambda_s=0.3, lambda_r=0.6, lambda_t=1.7).eval()   # eval: no dropout
+    x, n_source = videos(6, seed=6), 3
+    is_target = torch.tensor([0, 0, 0, 1, 1, 1])
+    feature_extractor = head.frame_mlp[0].weight                 # G_sf: every discriminator's gradient reaches it
+
+    def plain_domain_loss(level: str) -> torch.Tensor:
+        """The same domain loss with the discriminator's MLP applied to the features directly (no GRL)."""
+        frames = head.frame_mlp(x)
+        relations = head.temporal.relations(frames)
+        if level == "frame":
+            logits, labels = head.discriminators["frame"].classifier(frames), is_target[:, None].expand(6, 5)
+        elif level == "relation":
+            logits = torch.stack([d.classifier(relations[:, i]) for i, d in enumerate(head.discriminators["relation"])],
+                                 dim=1)
+            labels = is_target[:, None].expand(6, 4)
+        else:
+            logits, labels = head.discriminators["video"].classifier(relations.sum(dim=1)), is_target
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten())
+
+    for level, lam in lambdas.items():
+        discriminator = head.discriminators[level]
+        head.zero_grad()
+        plain_domain_loss(level).backward()
+        plain = feature_extractor.grad.clone(), [p.grad.clone() for p in discriminator.parameters()]
+        head.zero_grad()
+        terms = head.loss_terms(head.run(x, head.grl_coefficients(0.0)), torch.zeros(n_source, dtype=torch.long))
+        terms[f"loss_{level}"].backward()
+        assert plain[0].abs().sum() > 0
+        assert torch.allclose(feature_extractor.grad, -lam * plain[0], atol=1e-7)
+        for reversed_grad, plain_grad in zip((p.grad for p in discriminator.parameters()), plain[1]):
+            assert torch.allclose(reversed_grad, plain_grad, atol=1e-7)   # the discriminator trains at full strength
+
+
+# ----------------------------------------------------------------------------------------- options
+
+def test_detached_attention_keeps_the_class_loss_out_of_the_discriminators():
+    x, labels = videos(4, seed=7), torch.tensor([0, 1, 2, 3])
+    for detach, reaches in ((True, False), (False, True)):
+        head = small_head(detach_attention=detach).eval()
+        head.loss_terms(head.run(x, head.grl_coefficients(0.0)), labels)["loss_y"].backward()
+        grad = head.discriminators["relation"][0].classifier[0].weight.grad
+        assert (grad is not None and grad.abs().sum().item() > 0) == reaches
+
+
+def test_video_discriminator_sees_h_unless_told_to_see_the_dropped_out_feature():
+    x = videos(8, seed=8)
+    for after_dropout in (False, True):
+        head = small_head("ta2n", video_disc_after_dropout=after_dropout).train()
+        out = head.run(x)
+        on_h = head.discriminators["video"](out.video, 0.0)
+        assert torch.allclose(out.domain["video"], on_h) != after_dropout
+
+
+def test_official_presets_switch_every_option_to_the_code():
+    u2h, h2u = preset(TA3N, "ta3n-official-u2h"), preset(TA3N, "ta3n-official-h2u")
+    code = {"detach_attention": False, "entropy_unit": "nats", "video_disc_after_dropout": True}
+    assert u2h == {**code, "lambda_s": 0.5, "lambda_r": 0.75, "lambda_t": 0.75, "gamma": 0.003}
+    assert h2u == {**code, "lambda_s": 0.5, "lambda_r": 1.0, "lambda_t": 0.75, "gamma": 0.3}
+    paper = small_head().hparams
+    assert (paper["lambda_s"], paper["lambda_r"], paper["lambda_t"], paper["gamma"]) == (0.75, 0.5, 0.75, 0.3)
+    options = (paper["detach_attention"], paper["entropy_unit"], paper["video_disc_after_dropout"])
+    assert options == (True, "bits", False)
+
+
+def test_ta3n_refuses_to_attend_without_the_discriminator_it_reads():
+    with pytest.raises(HeadError, match="attention needs the relation discriminator"):
+        small_head(discriminators=["frame", "video"])
+    with pytest.raises(HeadError, match="entropy_weight_from needs the frame discriminator"):
+        small_head(discriminators=["relation", "video"], entropy_weight_from="frame")
+    with pytest.raises(HeadError, match="'global'"):
+        small_head("ta2n", discriminators=["global"])
+    with pytest.raises(HeadError, match="--setting da"):
+        small_head().update(LabelledBatch(videos(2, seed=9), torch.tensor([0, 1])), None, 0.0)
+
+
+# ------------------------------------------------------------------------------------ synthetic shift
+
+def test_ta3n_and_dann_recover_target_accuracy_that_source_only_trn_loses(tmp_path):
+    """Target = source + 1.5 everywhere: source-only TRN confuses a class on target; adaptation aligns it back.
+
+    Source val saturates within an epoch on this store, so source-val selection would pick an untrained epoch;
+    the last epoch is compared.
+    """
+    store, manifest = make_feature_store(tmp_path, target_shift=1.5, per_class=24, seed=0)
+    accuracy = {}
+    for name in ("trn", "dann", "ta3n"):
+        hparams = {"epochs": 25, "batch_size": 16, "frame_dim": 32, "relation_dim": 32, "init_std": 0.0}
+        report = train(TrainConfig(store=store, manifest=manifest, head=name, source="src", target="tgt",
+                                   setting="da", out=tmp_path / name, hparams=hparams, workers=0),
+                       show_progress=False)
+        assert report["final"]["src_val_acc_selected"] == 1.0
+        accuracy[name] = report["final"]["target_acc_last"]
+    assert accuracy["trn"] < 0.8
+    assert accuracy["dann"] >= accuracy["trn"] + 0.2
+    assert accuracy["ta3n"] >= accuracy["trn"] + 0.2
