@@ -5,7 +5,7 @@ A new head is one file in this package, decorated with ``@register``, plus its i
 """
 from heads.base import (Head, HeadError, HParam, LabelledBatch, UnlabelledBatch, available, build, register,
                         resolve_hparams)
-from heads import da_baselines, pooling, ta3n, trn  # noqa: F401  (importing a head's module registers it)
+from heads import da_baselines, pooling, stdn, ta3n, trn  # noqa: F401  (importing a head's module registers it)
 
 __all__ = ["Head", "HeadError", "HParam", "LabelledBatch", "UnlabelledBatch", "available", "build", "register",
            "resolve_hparams"]

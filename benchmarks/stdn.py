@@ -1,0 +1,98 @@
+"""Cost of the STDN heads on ResNet-50 layer4 maps (7x7x2048, N=5 segments): parameters, time and memory.
+
+    python benchmarks/stdn.py [--batch 8 32] [--steps 3] [--heads stdn tsn-maps ...] [--per-scale]
+
+Each measurement runs in a fresh process, so that its peak resident memory (``ru_maxrss``) is its own: one
+warm-up update, then ``--steps`` timed updates on a random batch, on the CPU with torch's default threads.
+"peak" is the process's peak RSS; "over model" subtracts the RSS once the head and the batch exist, leaving
+the activations, gradients and optimiser state of an update. An epoch is estimated for UCF101's DG train list
+(1,603 videos, STDN's ``ucf_train``) at the measured time per update.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+MAP_SHAPE, NUM_SEGMENTS, NUM_CLASSES = (7, 7, 2048), 5, 12
+EPOCH_VIDEOS = 1603
+HEADS = ["tsn-maps", "stdn-sgm", "stdn-trm", "stdn-strm", "stdn-mixstyle", "stdn"]
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux reports KiB
+
+
+def build(name: str, spatial_modules: str, batch: int):
+    import heads.stdn  # noqa: F401  (registers the STDN heads)
+    from heads import build as build_head
+
+    return build_head(name, MAP_SHAPE, NUM_CLASSES, NUM_SEGMENTS, {"spatial_modules": spatial_modules,
+                                                                  "batch_size": batch})
+
+
+def measure(name: str, spatial_modules: str, batch: int, steps: int) -> dict:
+    """Time and memory of ``steps`` updates of one head, in this process."""
+    from heads import LabelledBatch
+
+    torch.manual_seed(0)
+    head = build(name, spatial_modules, batch).train()
+    maps = torch.rand(batch, NUM_SEGMENTS, *MAP_SHAPE)       # non-negative, like post-ReLU layer4 maps
+    src = LabelledBatch(maps, torch.randint(NUM_CLASSES, (batch,)))
+    before = rss_mib()
+    head.update(src, None, 0.0)                              # warm-up: allocates gradients and momentum
+    started = time.perf_counter()
+    for step in range(steps):
+        head.update(src, None, step / steps)
+    per_update = (time.perf_counter() - started) / steps
+    with torch.no_grad():
+        started = time.perf_counter()
+        head.eval()(maps)
+        per_eval = time.perf_counter() - started
+    return {"seconds_per_update": per_update, "seconds_per_eval_batch": per_eval, "peak_mib": rss_mib(),
+            "over_model_mib": rss_mib() - before}
+
+
+def parameters(name: str, spatial_modules: str) -> int:
+    return sum(p.numel() for p in build(name, spatial_modules, 32).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--heads", nargs="+", default=HEADS)
+    parser.add_argument("--per-scale", action="store_true", help="also measure stdn with per-scale copies")
+    parser.add_argument("--measure", nargs=3, metavar=("HEAD", "MODULES", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:  # the child process: one measurement, as JSON on stdout
+        name, modules, batch = args.measure
+        print(json.dumps(measure(name, modules, int(batch), args.steps)))
+        return
+
+    configs = [(name, "shared") for name in args.heads] + ([("stdn", "per_scale")] if args.per_scale else [])
+    print(f"maps {'x'.join(map(str, MAP_SHAPE))}, N={NUM_SEGMENTS}, {NUM_CLASSES} classes, "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}\n")
+    print("| head | spatial modules | parameters | batch | s / update | s / epoch (1,603 videos) "
+          "| s / eval batch | peak RSS MiB | over model MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, modules in configs:
+        count = parameters(name, modules)
+        for batch in args.batch:
+            child = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--measure", name, modules,
+                                    str(batch)], capture_output=True, text=True, check=True)
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            epoch = math.ceil(EPOCH_VIDEOS / batch) * result["seconds_per_update"]
+            print(f"| {name} | {modules} | {count / 1e6:.2f}M | {batch} | {result['seconds_per_update']:.2f} "
+                  f"| {epoch:.0f} | {result['seconds_per_eval_batch']:.2f} | {result['peak_mib']:.0f} "
+                  f"| {result['over_model_mib']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""STDN, the Spatial-Temporal Diversification Network (Lin et al., NeurIPS 2022), on cached layer4 maps,
+and the ablation variants of its Table 3. STDN is a video domain *generalisation* method: source labels only.
+
+For a video's maps x [B, N, H, W, C] (ResNet-50 layer4: 7x7x2048):
+
+1. MixStyle (§4.1, video variant): each video's per-channel mean and std over time and space are mixed with
+   another video's (Beta(0.1, 0.1), with probability 0.5 per batch).
+2. Spatial Grouping Module (SGM, §3.3), per frame: K anchors, each a softmax-weighted sum of the HW positions
+   (weights from Conv3x3 C->256, ReLU, Conv3x3 256->K); soft assignment of the positions to the anchors
+   (eq. 1); group features, the normalised weighted sums (eq. 2); entropy losses L_emin (eq. 3), L_emax (eq. 4).
+3. Spatial-Temporal Relation Module (STRM, §3.4): spatial relations R^s_l for l = 2..K over tuples of distinct
+   groups (eq. 5, Ds = 192) plus a global conv G over the map give the frame feature [K·Ds]; temporal relations
+   R^t_m for m = 2..N over time-ordered frame tuples (eq. 6, Dt = 256); the relation discrimination loss over
+   (N-1)·C classes (eq. 7); an SE block per scale, their sum, a linear classifier. Total loss: eq. 8.
+
+Deviations from the paper:
+- The backbone is frozen (features come from a cache), so MixStyle can only re-style the cached layer4 maps;
+  the paper mixes inside the backbone (after layers 1-3), which is left to the end-to-end mode.
+- Tuples: training draws ``spatial_tuples`` / ``temporal_tuples`` tuples per scale at random (the paper samples
+  them; the counts are the official code's); evaluation averages over *every* tuple, the expectation of the
+  training draw, so that evaluation is repeatable. ``eval_tuples=random`` re-draws at evaluation (official code).
+- H^t_m is the official ReLU -> Dropout(0.3) -> Linear -> ReLU; the paper only says "a linear projection".
+- Eq. 2 adds 1e-6 to its denominator (as the official code), so a group that no position joins is 0, not 0/0.
+- Which parts the "+SGM", "+TRM", "+STRM" rows of Table 3 keep is not spelled out; see ``COMPONENTS``.
+
+Deviations from the official code (``KunyuLin/STDN``, ``ops/STDNmodule.py``, ``main.py``):
+- One SGM, spatial-relation module and global conv serve all temporal scales; the code builds one copy per
+  scale (about 113M parameters at 7x7x2048): ``spatial_modules=per_scale``.
+- The entropies use the row-stochastic assignment of eq. 1 (the paper); the code computes them on an assignment
+  column-normalised with a detached normaliser, which makes L_emax's value constant: ``grouping_variant=official``.
+- Tuple outputs are averaged (the paper's expectation); the code sums its 3 temporal tuples and multiplies the
+  single N-frame tuple by 3, the same up to a factor 3. Scales run 2..N, so relation labels use m-2 as in eq. 7
+  (the code counts from scale N: a relabelling). The code's per-scale logits of a shared classifier are summed,
+  which is the paper's classifier on the summed feature up to a bias scaled by N-1.
+- The relation classifier shares the optimiser and gradient clipping; TSN's lr/decay multipliers (biases 2x lr,
+  no decay) are not reproduced. The global conv's kernel is the map size (the code hard-codes 7).
+The lambdas and MixStyle pairing of the official script are the preset ``official``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, Head, HeadError, HParam, LabelledBatch,
+                        UnlabelledBatch, register)
+from heads.common import entropy, mlp, ordered_tuples
+
+GROUP_EPS = 1e-6         # eq. 2's denominator (official code: ``ws_sum + 1e-6``)
+OFFICIAL_LOG_EPS = 1e-5  # the official code's entropy: -sum p log(p + 1e-5)
+
+# ----------------------------------------------------------------------------------------------------------
+# MixStyle for cached maps (§4.1)
+
+
+def mix_video_styles(x: Tensor, lam: Tensor, partner: Tensor, eps: float = 1e-6) -> Tensor:
+    """Re-style each video of maps [B, N, H, W, C] with its style mixed with ``partner``'s: [B, N, H, W, C].
+
+    A video's style is the mean and std of each channel over time and space (the video variant of §4.1; official
+    code: statistics over (T, H, W), unbiased variance, detached as in MixStyle). Video b is normalised with its
+    own style and re-scaled with ``lam[b] * style[b] + (1 - lam[b]) * style[partner[b]]``.
+    """
+    mu = x.mean(dim=(1, 2, 3), keepdim=True).detach()
+    sigma = (x.var(dim=(1, 2, 3), keepdim=True) + eps).sqrt().detach()
+    lam = lam.view(-1, 1, 1, 1, 1)
+    mu_mix = lam * mu + (1 - lam) * mu[partner]
+    sigma_mix = lam * sigma + (1 - lam) * sigma[partner]
+    return (x - mu) / sigma * sigma_mix + mu_mix
+
+
+def crosshalf_partners(batch_size: int) -> Tensor:
+    """The official pairing (MixStyle's "crossdomain"): the first half of the batch mixes with the second.
+
+    The reversed order is cut in two and each half shuffled, so video b's partner always lies in the other half.
+    """
+    first, second = torch.arange(batch_size - 1, -1, -1).chunk(2)
+    return torch.cat([first[torch.randperm(len(first))], second[torch.randperm(len(second))]])
+
+
+class VideoMixStyle(nn.Module):
+    """MixStyle on maps [B, N, H, W, C], in training only, applied to a whole batch with probability ``p``."""
+
+    def __init__(self, p: float, alpha: float, pairing: str):
+        super().__init__()
+        self.p, self.alpha, self.pairing = p, alpha, pairing
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or len(x) < 2 or torch.rand(()).item() >= self.p:
+            return x
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((len(x),))
+        partner = crosshalf_partners(len(x)) if self.pairing == "crosshalf" else torch.randperm(len(x))
+        return mix_video_styles(x, lam.to(x), partner.to(x.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spatial Grouping Module (§3.3)
+
+
+def assign_to_anchors(positions: Tensor, anchors: Tensor, tau: float) -> Tensor:
+    """Eq. 1 as log-probabilities: positions [F, P, C], anchors [F, K, C] -> log p [F, P, K] (rows sum to 1).
+
+    p_{i,k} = softmax_k(-||z_i - a_k|| / tau). Logs are kept because with tau = 0.5 and 2048-d features many
+    probabilities underflow to 0, where entropies computed from p would have NaN gradients.
+    """
+    return torch.log_softmax(-torch.cdist(positions, anchors) / tau, dim=-1)
+
+
+def group_weights(assign: Tensor, detach_normaliser: bool = False) -> Tensor:
+    """Eq. 2's weights p_{i,k} / sum_i p_{i,k}: [F, P, K], each group's column summing to 1 over positions.
+
+    ``detach_normaliser`` is the official code's variant (same values, the sum is treated as a constant).
+    """
+    normaliser = assign.sum(dim=1, keepdim=True)
+    return assign / ((normaliser.detach() if detach_normaliser else normaliser) + GROUP_EPS)
+
+
+def grouping_losses(log_assign: Tensor, variant: str) -> tuple[Tensor, Tensor]:
+    """L_emin (eq. 3) and L_emax (eq. 4) of log-assignments [F, P, K], averaged over the F frames.
+
+    ``paper``: entropies of the assignment rows p_i and of their mean p̄ over positions. L_emax = sum p̄ log p̄
+    is minus an entropy, so minimising it spreads the positions over the groups.
+    ``official``: the same formulas on the column-normalised assignment (``group_weights`` with a detached
+    normaliser) and ``log(q + 1e-5)``. Its mean over positions is 1/P for every group, so L_emax's value is a
+    constant, (K/P) log(1/P) (-0.318 for K=4, P=49); only its gradient acts, pushing towards equal group sizes.
+    """
+    if variant == "paper":
+        emin = entropy(log_assign).mean()
+        # log(P * p̄_k) = logsumexp_i log p_ik; ``entropy`` renormalises over k, so the log P drops out
+        emax = -entropy(torch.logsumexp(log_assign, dim=1)).mean()
+        return emin, emax
+    weights = group_weights(log_assign.exp(), detach_normaliser=True)
+
+    def official_entropy(q: Tensor) -> Tensor:
+        return -(q * torch.log(q + OFFICIAL_LOG_EPS)).sum(dim=-1)
+
+    return official_entropy(weights).mean(), -official_entropy(weights.mean(dim=1)).mean()
+
+
+class SpatialGrouping(nn.Module):
+    """SGM: frames [F, C, H, W] -> group features [F, K, C] (eq. 2) and log-assignments [F, HW, K] (eq. 1)."""
+
+    def __init__(self, channels: int, num_groups: int, hidden: int, tau: float, variant: str):
+        super().__init__()
+        # "a lightweight two-layer convolutional network" (§3.3); its sizes are the official code's
+        self.anchor_weights = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+                                            nn.Conv2d(hidden, num_groups, 3, padding=1))
+        self.tau, self.variant = tau, variant
+
+    def forward(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        positions = maps.flatten(2).transpose(1, 2)                             # z_{n,i}: [F, HW, C]
+        anchor_mix = self.anchor_weights(maps).flatten(2).softmax(dim=-1)      # [F, K, HW], over positions
+        anchors = anchor_mix @ positions                                        # a_{n,k}: [F, K, C]
+        log_assign = assign_to_anchors(positions, anchors, self.tau)
+        weights = group_weights(log_assign.exp(), detach_normaliser=self.variant == "official")
+        return weights.transpose(1, 2) @ positions, log_assign
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spatial-Temporal Relation Module (§3.4)
+
+
+def pick_tuples(tuples: list[tuple[int, ...]], count: int, draw: bool, device: torch.device) -> Tensor:
+    """``count`` of ``tuples`` drawn without replacement (``draw``), else all of them: an index tensor [k, size]."""
+    if draw and count < len(tuples):
+        tuples = [tuples[i] for i in torch.randperm(len(tuples))[:count].tolist()]
+    return torch.tensor(tuples, device=device)
+
+
+class SpatialRelations(nn.Module):
+    """Eq. 5: group features [F, K, C] -> [R^s_2, ..., R^s_K] [F, (K-1)·Ds].
+
+    R^s_l is the mean over tuples of l distinct groups (ordered, as the official ``itertools.permutations``) of
+    a linear map of their concatenation. Because the map is linear, the mean of its outputs is its output on the
+    mean tuple, whose slot j averages the groups that fill slot j; no concatenation is built per tuple. (A
+    consequence of eq. 5: averaged over *all* l-permutations every slot holds the mean group feature, so at
+    evaluation R^s_l is a linear map of that mean; only the training draws see individual groups.)
+    """
+
+    def __init__(self, channels: int, num_groups: int, dim: int, num_tuples: int):
+        super().__init__()
+        self.num_groups, self.num_tuples = num_groups, num_tuples
+        self.scales = list(range(2, num_groups + 1))
+        self.tuples = {size: list(itertools.permutations(range(num_groups), size)) for size in self.scales}
+        self.projections = nn.ModuleList(nn.Linear(size * channels, dim) for size in self.scales)
+
+    def forward(self, groups: Tensor, draw: bool) -> Tensor:
+        relations = []
+        for size, project in zip(self.scales, self.projections):
+            tuples = pick_tuples(self.tuples[size], self.num_tuples, draw, groups.device)        # [k, l]
+            slot_mix = F.one_hot(tuples, self.num_groups).to(groups.dtype).mean(dim=0)          # [l, K]
+            relations.append(project((slot_mix @ groups).flatten(start_dim=1)))                # [F, Ds]
+        return torch.cat(relations, dim=1)
+
+
+class FrameEncoder(nn.Module):
+    """The spatial part of STDN: frames [F, C, H, W] -> frame features [F, D] and log-assignments (or None).
+
+    With ``grouping`` and ``spatial_relations`` it is ẑ_n = [R^s_2, ..., R^s_K, G(z_n)] (§3.4); with ``grouping``
+    only, the K group features side by side [K·C]; with neither, the spatial average of the map [C] (TSN).
+    """
+
+    def __init__(self, map_shape: tuple[int, int, int], h: dict):
+        super().__init__()
+        height, width, channels = map_shape
+        self.grouping = (SpatialGrouping(channels, h["num_groups"], h["anchor_hidden"], h["tau"],
+                                         h["grouping_variant"]) if h["grouping"] else None)
+        self.relations = self.global_conv = None
+        if h["spatial_relations"]:
+            self.relations = SpatialRelations(channels, h["num_groups"], h["spatial_dim"], h["spatial_tuples"])
+            self.global_conv = nn.Conv2d(channels, h["spatial_dim"], kernel_size=(height, width))   # G(z_n)
+            self.dim = h["num_groups"] * h["spatial_dim"]
+        else:
+            self.dim = channels * (h["num_groups"] if h["grouping"] else 1)
+
+    def forward(self, maps: Tensor, draw: bool) -> tuple[Tensor, Tensor | None]:
+        if self.grouping is None:
+            return maps.mean(dim=(2, 3)), None
+        groups, log_assign = self.grouping(maps)
+        if self.relations is None:
+            return groups.flatten(start_dim=1), log_assign
+        spatial = self.relations(groups, draw)
+        return torch.cat([spatial, self.global_conv(maps).flatten(start_dim=1)], dim=1), log_assign
+
+
+class TemporalRelations(nn.Module):
+    """Eq. 6: frame features [B, N, D] (one tensor per scale) -> [R^t_2, ..., R^t_N] stacked, [B, N-1, Dt].
+
+    R^t_m is the mean over time-ordered tuples of m frames of H^t_m(concatenation), with H^t_m the official
+    ReLU -> Dropout -> Linear -> ReLU.
+    """
+
+    def __init__(self, num_segments: int, frame_dim: int, dim: int, num_tuples: int, dropout: float):
+        super().__init__()
+        self.num_tuples = num_tuples
+        self.scales = list(range(2, num_segments + 1))
+        self.tuples = {size: ordered_tuples(num_segments, size) for size in self.scales}
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(size * frame_dim, dim),
+                                                  nn.ReLU()) for size in self.scales)
+
+    def forward(self, frames_per_scale: list[Tensor], draw: bool) -> Tensor:
+        relations = []
+        for size, block, frames in zip(self.scales, self.blocks, frames_per_scale):
+            tuples = pick_tuples(self.tuples[size], self.num_tuples, draw, frames.device)         # [k, m]
+            relations.append(block(frames[:, tuples].flatten(start_dim=2)).mean(dim=1))           # [B, Dt]
+        return torch.stack(relations, dim=1)
+
+
+class SqueezeExcite(nn.Module):
+    """H^a_m of §3.4 (official ``Adapter``): g * sigmoid(W2 ReLU(W1 g)), without biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False),
+                                  nn.Sigmoid())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
+
+
+def relation_labels(y: Tensor, num_segments: int) -> Tensor:
+    """Eq. 7's relation labels ỹ_m = y·(N-1) + (m-2) for m = 2..N: class ids [B] -> [B, N-1]."""
+    scales = num_segments - 1
+    return y[:, None] * scales + torch.arange(scales, device=y.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# diagnostics (§4.2)
+
+
+def scale_nmse(relations: Tensor) -> Tensor:
+    """Fig. 4's diversity across time scales: relation features [B, S, D] -> [B].
+
+    The paper names a "normalized MSE" without a formula; here it is the squared distance between
+    L2-normalised features, 2 - 2 cos (0: same direction; 2: orthogonal), averaged over all pairs of scales.
+    An all-zero feature (a scale whose ReLU units all died) stays zero, at distance 1 from any other scale.
+    """
+    unit = F.normalize(relations, dim=-1)
+    squared = (unit[:, :, None] - unit[:, None]).pow(2).sum(dim=-1)                   # [B, S, S], 0 on the diagonal
+    num_scales = relations.shape[1]
+    return squared.sum(dim=(1, 2)) / (num_scales * (num_scales - 1))
+
+
+def davies_bouldin(points: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+    """Davies-Bouldin index of each set (Fig. 5; as scikit-learn): points [..., P, D], labels [..., P] -> [...].
+
+    S_k is the mean distance of cluster k's points to their centroid, M_kj the distance between centroids,
+    DB = mean over clusters of max_{j != k} (S_k + S_j) / M_kj, over non-empty clusters; lower is better
+    separated. NaN for a set with fewer than two non-empty clusters.
+    """
+    members = F.one_hot(labels, num_clusters).to(points.dtype)                       # [..., P, K]
+    counts = members.sum(dim=-2)                                                      # [..., K]
+    centroids = members.transpose(-1, -2) @ points / counts.clamp(min=1)[..., None]   # [..., K, D]
+    distances = (points - members @ centroids).norm(dim=-1)                           # to own centroid, [..., P]
+    spread = (members * distances[..., None]).sum(dim=-2) / counts.clamp(min=1)       # S_k, [..., K]
+    separation = (centroids[..., :, None, :] - centroids[..., None, :, :]).norm(dim=-1)   # M_kj, [..., K, K]
+    present = counts > 0
+    pairs = present[..., :, None] & present[..., None, :] & ~torch.eye(num_clusters, dtype=torch.bool,
+                                                                       device=points.device)
+    ratio = ((spread[..., :, None] + spread[..., None, :]) / separation).masked_fill(~pairs, -torch.inf)
+    worst = ratio.amax(dim=-1).masked_fill(~present, 0.0)                             # [..., K]
+    clusters = present.sum(dim=-1)
+    return torch.where(clusters >= 2, worst.sum(dim=-1) / clusters.clamp(min=1), torch.nan)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the heads
+
+# The components that Table 3 adds one at a time. "+SGM" keeps the TSN classifier on the K group features side
+# by side; "+TRM" adds temporal relations with L_rel on them (Fig. 4's "SGM+TRM": 56.7 - 54.9 = the 1.8 points
+# the text credits to TRM over +SGM); "+STRM" adds spatial relations and G; "+MixStyle" MixStyle; the full STDN
+# the SE aggregation (before it, the scales are summed as they are).
+COMPONENTS = {
+    "mixstyle": "MixStyle on the cached maps (§4.1; Table 3 '+MixStyle')",
+    "grouping": "Spatial Grouping Module (§3.3; Table 3 '+SGM'); off: spatial average pooling of the map",
+    "spatial_relations": "spatial relations over the groups and the global conv G (eq. 5; Table 3 '+STRM'); "
+                         "needs grouping",
+    "temporal_relations": "temporal relations and L_rel (eq. 6-7; Table 3 '+TRM'); off: TSN's mean over segments",
+    "se_aggregation": "SE modulation of each scale before the sum (§3.4 'Feature Aggregation'; Table 3 "
+                      "'Full STDN'); needs temporal_relations; off: plain sum of the scales",
+}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What one pass over a batch produces: the video feature and what the losses and diagnostics read."""
+
+    video: Tensor                       # ž (or the mean frame feature without temporal relations), [B, D]
+    relations: Tensor | None            # z̃_m for m = 2..N before SE, [B, N-1, Dt]
+    log_assignments: list[Tensor]       # one [B·N, HW, K] per SGM copy (empty without grouping)
+
+
+@register
+class STDN(Head):
+    """Full STDN (§3, eq. 1-8): MixStyle, SGM, spatial and temporal relations, L_rel, SE aggregation.
+
+    The loss is eq. 8, L = L_cls + lambda_ent (L_emin + L_emax) + lambda_rel L_rel. The components of Table 3
+    are boolean hyper-parameters (``COMPONENTS``); the registered variants below only change their defaults,
+    and a component's own hyper-parameters act only while it is on. ``diagnostics`` gives §4.2's measures.
+    """
+
+    name = "stdn"
+    summary = "STDN (NeurIPS'22): spatial grouping + spatial-temporal relations + MixStyle on cached maps; DG"
+    input = "maps"
+    settings = frozenset({"dg"})
+    HPARAMS = {
+        **TRAINER_HPARAMS,
+        "epochs": HParam(25, "passes over the source train split", "STDN code, scripts/train_hmdbucf.sh (--epochs 25)"),
+        "batch_size": HParam(32, "source videos per update", "STDN §4.1"),
+        **OPTIMIZER_HPARAMS,
+        "lr": HParam(1e-3, "initial learning rate", "STDN §4.1"),
+        "lr_schedule": replace(OPTIMIZER_HPARAMS["lr_schedule"], default="step",
+                               source="STDN code, scripts/train_hmdbucf.sh (--lr_steps 10 20 of 25 epochs)"),
+        "lr_steps": HParam((0.4, 0.8), "training progress points where the 'step' schedule decays",
+                           "STDN code, scripts/train_hmdbucf.sh (epochs 10 and 20 of 25)"),
+        "nesterov": HParam(False, "Nesterov momentum", "STDN §4.1 (momentum SGD); code main.py (plain SGD)"),
+        "weight_decay": HParam(5e-4, "L2 penalty on all parameters", "STDN §4.1"),
+        "clip_grad": HParam(20.0, "max global gradient norm; 0 disables",
+                            "STDN code, scripts/train_hmdbucf.sh (--gd 20)"),
+        **{name: HParam(True, meaning, "STDN Table 3") for name, meaning in COMPONENTS.items()},
+        "mixstyle_p": HParam(0.5, "probability that a training batch is mixed", "STDN §4.1 (code --mix-prob 0.5)"),
+        "mixstyle_alpha": HParam(0.1, "Beta(alpha, alpha) of the mixing weight", "STDN §4.1 (code --mix-alpha 0.1)"),
+        "mixstyle_pairing": HParam("random", "random: a random permutation of the batch (MixStyle's default); "
+                                   "crosshalf: each half mixes with the other (official code)",
+                                   "MixStyle (Zhou et al. 2021), cited in STDN §4.1", choices=("random", "crosshalf")),
+        "num_groups": HParam(4, "K, spatial groups per frame", "STDN §4.1"),
+        "tau": HParam(0.5, "temperature of the assignment softmax (eq. 1)", "STDN §4.1"),
+        "anchor_hidden": HParam(256, "channels of the anchor network's first conv", "STDN code (img_feature_dim 256)"),
+        "grouping_variant": HParam("paper", "paper: entropies of the row-stochastic assignment (eq. 3-4); "
+                                   "official: of the column-normalised one, detached normaliser",
+                                   "STDN §3.3; code ops/STDNmodule.py", choices=("paper", "official")),
+        "spatial_dim": HParam(192, "Ds, width of each spatial relation and of G", "STDN §4.1"),
+        "spatial_tuples": HParam(12, "group tuples drawn per spatial scale in training",
+                                 "STDN code, SpatialRelationModuleMultiScale (subsample_num = 12)"),
+        "temporal_dim": HParam(256, "Dt, width of each temporal relation", "STDN §4.1"),
+        "temporal_tuples": HParam(3, "frame tuples drawn per temporal scale in training",
+                                  "STDN code, RelationModuleMultiScale (subsample_num = 3)"),
+        "eval_tuples": HParam("all", "all: evaluation averages over every tuple (repeatable); random: draws as "
+                              "in training (official code; evaluation is then not repeatable)",
+                              "STDN code re-draws at evaluation", choices=("all", "random")),
+        "dropout": HParam(0.3, "dropout inside each temporal relation block; without temporal relations, before "
+                          "the classifier", "STDN code, scripts/train_hmdbucf.sh (--dropout 0.3)"),
+        "se_hidden": HParam(64, "bottleneck width of each SE block", "STDN code (aggregator_dim 64)"),
+        "relation_hidden": HParam(128, "hidden width of the MLP relation classifier F_rel",
+                                  "STDN code, main.py (relation_classifier_feat_dim 128)"),
+        "spatial_modules": HParam("shared", "shared: one SGM, spatial relation module and G for all temporal "
+                                  "scales; per_scale: one copy per scale (official code, ~4x the parameters)",
+                                  "STDN code, RelationModuleMultiScale", choices=("shared", "per_scale")),
+        "lambda_ent": HParam(0.1, "weight of L_emin and of L_emax (eq. 8)", "STDN §4.1"),
+        "lambda_rel": HParam(0.5, "weight of L_rel (eq. 8)", "STDN §4.1"),
+    }
+    PRESETS = {
+        "official": {"lambda_ent": 0.15, "grouping_variant": "official", "spatial_modules": "per_scale",
+                     "eval_tuples": "random", "mixstyle_pairing": "crosshalf"},
+    }
+
+    def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
+        super().__init__(feat_shape, num_classes, num_segments, hparams)
+        h = self.hparams
+        self._check_components()
+        self.mixstyle = (VideoMixStyle(h["mixstyle_p"], h["mixstyle_alpha"], h["mixstyle_pairing"])
+                         if h["mixstyle"] else None)
+        temporal = h["temporal_relations"]
+        copies = num_segments - 1 if temporal and h["spatial_modules"] == "per_scale" else 1
+        self.frame_encoders = nn.ModuleList(FrameEncoder(self.feat_shape, h) for _ in range(copies))
+        frame_dim = self.frame_encoders[0].dim
+        self.temporal = self.modulators = self.relation_classifier = None
+        if temporal:
+            self.temporal = TemporalRelations(num_segments, frame_dim, h["temporal_dim"], h["temporal_tuples"],
+                                              h["dropout"])
+            if h["se_aggregation"]:
+                self.modulators = nn.ModuleList(SqueezeExcite(h["temporal_dim"], h["se_hidden"])
+                                                for _ in self.temporal.scales)
+            self.relation_classifier = mlp(h["temporal_dim"], h["relation_hidden"], (num_segments - 1) * num_classes)
+            self.classifier = nn.Linear(h["temporal_dim"], num_classes)                             # F
+        else:
+            self.classifier = nn.Sequential(nn.Dropout(h["dropout"]), nn.Linear(frame_dim, num_classes))
+        self.optimizer = self.make_optimizer(self.parameters())
+
+    def _check_components(self) -> None:
+        h = self.hparams
+        if h["spatial_relations"] and not h["grouping"]:
+            raise HeadError(f"head '{self.name}': spatial_relations=true needs grouping=true (relations are between "
+                            f"the SGM's groups)")
+        if h["se_aggregation"] and not h["temporal_relations"]:
+            raise HeadError(f"head '{self.name}': se_aggregation=true needs temporal_relations=true (it modulates "
+                            f"each temporal scale)")
+        if h["temporal_relations"] and self.num_segments < 2:
+            raise HeadError(f"head '{self.name}': temporal relations need at least 2 segments, got "
+                            f"num_segments={self.num_segments}")
+
+    def encode(self, x: Tensor) -> Encoding:
+        """Maps [B, N, H, W, C] (channels last, as cached) -> :class:`Encoding`."""
+        if x.dim() != 5 or x.shape[1] != self.num_segments or tuple(x.shape[2:]) != self.feat_shape:
+            expected = (self.num_segments, *self.feat_shape)
+            raise HeadError(f"head '{self.name}' expects maps [B, N, H, W, C] with (N, H, W, C) = {expected}, "
+                            f"got {tuple(x.shape)}")
+        if self.mixstyle is not None:
+            x = self.mixstyle(x)
+        batch, segments = x.shape[:2]
+        maps = x.flatten(0, 1).permute(0, 3, 1, 2)                      # channels first for the convs
+        draw = self.training or self.hparams["eval_tuples"] == "random"
+        encoded = [encoder(maps, draw) for encoder in self.frame_encoders]
+        frames = [features.view(batch, segments, -1) for features, _ in encoded]
+        log_assignments = [log_assign for _, log_assign in encoded if log_assign is not None]
+        if self.temporal is None:
+            return Encoding(frames[0].mean(dim=1), None, log_assignments)
+        shared = len(frames) == 1      # one frame encoder serves every temporal scale
+        relations = self.temporal(frames * len(self.temporal.scales) if shared else frames, draw)
+        if self.modulators is None:
+            video = relations.sum(dim=1)
+        else:
+            video = sum(modulate(relations[:, i]) for i, modulate in enumerate(self.modulators))   # ž
+        return Encoding(video, relations, log_assignments)
+
+    def video_features(self, x: Tensor) -> Tensor:
+        """[B, N, H, W, C] -> [B, D], the aggregated video feature the classifier reads."""
+        return self.encode(x).video
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, N, H, W, C] -> logits [B, num_classes]."""
+        return self.classifier(self.encode(x).video)
+
+    def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
+        """One SGD step on eq. 8 (the parts of the disabled components drop out). ``tgt`` is ignored: DG."""
+        h = self.hparams
+        encoding = self.encode(src.x)
+        classification = F.cross_entropy(self.classifier(encoding.video), src.y)
+        loss, logs = classification, {"cls": classification.item()}
+        if encoding.log_assignments:       # per-scale copies: averaged over the copies, as the official code
+            parts = [grouping_losses(log_assign, h["grouping_variant"]) for log_assign in encoding.log_assignments]
+            emin = torch.stack([p[0] for p in parts]).mean()
+            emax = torch.stack([p[1] for p in parts]).mean()
+            loss = loss + h["lambda_ent"] * (emin + emax)
+            logs.update(entropy_min=emin.item(), entropy_max=emax.item())
+        if encoding.relations is not None:
+            relation_logits = self.relation_classifier(encoding.relations)                      # [B, N-1, (N-1)C]
+            relation = F.cross_entropy(relation_logits.flatten(0, 1),
+                                       relation_labels(src.y, self.num_segments).flatten())    # eq. 7
+            loss = loss + h["lambda_rel"] * relation
+            logs["relation"] = relation.item()
+        return {"loss": loss.item(), **logs, **self.optimizer_step(self.optimizer, loss, progress)}
+
+    @torch.no_grad()
+    def diagnostics(self, x: Tensor) -> dict[str, float]:
+        """§4.2's measures on a batch of maps (call in eval mode for repeatable values).
+
+        ``relation_nmse`` (Fig. 4, with temporal relations): :func:`scale_nmse` of z̃, averaged over videos.
+        ``group_db_index`` (Fig. 5, with grouping): Davies-Bouldin index of each frame's HW cached position
+        features, clustered by their most likely SGM group, averaged over frames with at least two non-empty
+        groups (NaN if none); ``groups_used``: non-empty groups per frame. The cached positions are fixed, so
+        these measure how the SGM partitions them, not (as in the paper) how a fine-tuned backbone moves them.
+        """
+        encoding = self.encode(x)
+        results = {}
+        if encoding.relations is not None:
+            results["relation_nmse"] = scale_nmse(encoding.relations).mean().item()
+        if encoding.log_assignments:
+            positions = x.flatten(0, 1).flatten(1, 2)                                       # [B·N, HW, C]
+            k = self.hparams["num_groups"]
+            labels = [log_assign.argmax(dim=-1) for log_assign in encoding.log_assignments]
+            index = torch.cat([davies_bouldin(positions, label, k) for label in labels])
+            results["group_db_index"] = index.nanmean().item()
+            used = torch.cat([F.one_hot(label, k).amax(dim=1).sum(dim=1) for label in labels])
+            results["groups_used"] = used.float().mean().item()
+        return results
+
+
+def with_components(*switched_on: str) -> dict[str, HParam]:
+    """STDN's hyper-parameters with the component flags defaulting to on for ``switched_on`` only."""
+    return {name: replace(spec, default=name in switched_on) if name in COMPONENTS else spec
+            for name, spec in STDN.HPARAMS.items()}
+
+
+@register
+class STDNWithoutSE(STDN):
+    """Table 3 '+MixStyle': STDN with the temporal scales summed as they are, without SE modulation."""
+
+    name = "stdn-mixstyle"
+    summary = "STDN ablation (Table 3 '+MixStyle'): full STDN without the SE aggregation; DG"
+    HPARAMS = with_components("mixstyle", "grouping", "spatial_relations", "temporal_relations")
+
+
+@register
+class STDNRelations(STDN):
+    """Table 3 '+STRM': SGM and the full spatial-temporal relation module, no MixStyle, no SE aggregation."""
+
+    name = "stdn-strm"
+    summary = "STDN ablation (Table 3 '+STRM'): SGM + spatial and temporal relations with L_rel; DG"
+    HPARAMS = with_components("grouping", "spatial_relations", "temporal_relations")
+
+
+@register
+class STDNTemporalRelations(STDN):
+    """Table 3 '+TRM': SGM, then temporal relations with L_rel over the K group features side by side.
+
+    Fig. 4's "TRM" without the SGM is ``grouping=false``; "TRM w/o L_rel" is also ``lambda_rel=0``.
+    """
+
+    name = "stdn-trm"
+    summary = "STDN ablation (Table 3 '+TRM'): SGM + temporal relations with L_rel (no spatial relations); DG"
+    HPARAMS = with_components("grouping", "temporal_relations")
+
+
+@register
+class STDNGrouping(STDN):
+    """Table 3 '+SGM': the TSN baseline on the K SGM group features side by side, with the entropy losses."""
+
+    name = "stdn-sgm"
+    summary = "STDN ablation (Table 3 '+SGM'): spatial grouping, then TSN's classifier and mean over segments; DG"
+    HPARAMS = with_components("grouping")
+
+
+@register
+class TSNMaps(STDN):
+    """Table 3 'Backbone' (TSN): spatial average of each map, dropout, linear classifier, mean over segments.
+
+    TSN averages class scores over segments; with a linear classifier that equals classifying the mean feature.
+    """
+
+    name = "tsn-maps"
+    summary = "STDN's baseline (Table 3 'Backbone'): TSN on spatially pooled maps, linear classifier; DG"
+    HPARAMS = with_components()
