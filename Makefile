@@ -20,5 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Both benchmarks at sizes a laptop CPU finishes in a few minutes; on a GPU node run them without options
+# (benchmarks/README.md). They print tables and assert nothing.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/extract.py --videos 4 --frames-per-video 32
+	$(BIN)/python benchmarks/train.py --scale 0.25 --arrays pooled
+
 clean:
 	rm -rf $(VENV) demo_out

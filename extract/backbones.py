@@ -35,6 +35,10 @@ DOWNLOAD_TIMEOUT_S = 30  # per connect/read; a slow download still finishes, a b
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class WeightsUnavailable(ValueError):
+    """Weights could not be found or fetched; the message names the file to provide and where to put it."""
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Frames -> network input: resize the shorter side (bilinear, antialiased), centre-crop, /255, mean/std."""
@@ -139,7 +143,12 @@ class Backbone:
                     else contextlib.nullcontext())
         with autocast:
             maps = self.model(self.prepare(frames))
-        # Back to float32 before anything else: an fp16 overflow stays an inf the caller's finiteness check sees.
+        if autocast_dtype is torch.float16 and not torch.isfinite(maps).all():
+            # No store dtype can help here: the overflow happened inside the network.
+            raise ValueError(f"{self.name} produced inf/NaN under --precision fp16 (an activation inside the "
+                             f"network exceeded float16's range); use --precision bf16 (float32's range at "
+                             f"fp16's speed) or fp32")
+        # Back to float32 (autocast returns bf16/fp16) before the maps leave the device.
         return maps.float().permute(0, 2, 3, 1).contiguous().cpu()
 
     def steps(self, frame_indices: np.ndarray) -> np.ndarray:
@@ -248,8 +257,8 @@ def _imagenet_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
 
 
 def _download(weights: WeightsEnum, destination: Path) -> None:
-    def not_available(reason: str) -> RuntimeError:
-        return RuntimeError(
+    def not_available(reason: str) -> WeightsUnavailable:
+        return WeightsUnavailable(
             f"ImageNet weights {weights!r} are not in the torch hub cache and {reason}. Download {weights.url} "
             f"on a machine with network and put it at {destination} (the cache is $TORCH_HOME/hub/checkpoints; "
             f"set TORCH_HOME to use another directory), or pass the path of a local state dict as the weights.")

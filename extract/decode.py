@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
+import av
 import decord
 import numpy as np
 import PIL
 from PIL import Image
+
+# decord 0.6.0 cannot return frames of exactly these widths: it allocates the padded width FFmpeg decoded
+# into and then refuses to copy it into the unpadded array ("Check failed: from_size == to_size"). Measured
+# for H.264 and MPEG-4 at every even width from 2 to 1024 px (10 and 14 work); heights do not matter.
+DECORD_UNREADABLE_WIDTHS = (2, 4, 6, 8, 12, 16, 24, 48, 72)
+FRAME_DIR_FPS = 30.0  # frame rate of a frame directory when the caller gives none (it has no container)
 
 
 class DecodeError(Exception):
@@ -51,6 +58,7 @@ class DecordSource:
     _NO_SUBSTITUTED_FRAMES = 1e-12
 
     def __init__(self, path: Path, fps: float | None = None):
+        del fps  # a video carries its own frame rate; the caller's fps is for frame directories
         if path.stat().st_size == 0:
             raise DecodeError(f"{path}: the file is empty (0 bytes)")
         try:
@@ -61,7 +69,7 @@ class DecordSource:
                               "it is truncated, corrupt or not a video") from error
         self.path = path
         self.num_frames = len(self._reader)
-        self.fps = float(fps) if fps is not None else self._reader.get_avg_fps()
+        self.fps = self._reader.get_avg_fps()
         self.backend = f"decord-{decord.__version__}"
 
     def read(self, indices: np.ndarray) -> np.ndarray:
@@ -71,8 +79,8 @@ class DecordSource:
             frames = self._reader.get_batch(indices).asnumpy()
         except Exception as error:
             reason = _decord_reason(error)
-            if "from_size == to_size" in reason:  # rows padded in FFmpeg's buffer, misread by decord
-                reason += "; decord 0.6.0 cannot return frames of a few small widths (16, 24, 48, 72 px)"
+            if "from_size == to_size" in reason:
+                reason = _explain_decord_width_bug(self.path, reason)
             raise DecodeError(f"{self.path}: decoding frames {indices[0]}..{indices[-1]} failed: "
                               f"{reason}") from error
         return frames  # iter_batches checks that every requested frame came back
@@ -86,6 +94,20 @@ def _decord_reason(error: Exception) -> str:
     return re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(error)).strip() or type(error).__name__
 
 
+def _explain_decord_width_bug(path: Path, reason: str) -> str:
+    """decord's size-check message, plus what it means when the video has one of the widths decord misreads."""
+    try:  # decord does not expose the frame size without decoding; the container header has it
+        with av.open(str(path)) as container:
+            width = container.streams.video[0].codec_context.width
+    except (av.FFmpegError, IndexError):
+        return reason
+    if width not in DECORD_UNREADABLE_WIDTHS:
+        return reason
+    return (f"{reason} (a known decord 0.6.0 bug: it cannot return frames {width} px wide, nor any of "
+            f"{', '.join(map(str, DECORD_UNREADABLE_WIDTHS))} px; re-encode the video at another even width, "
+            f"e.g. ffmpeg -i IN -vf scale={width + 2}:-2 OUT)")
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -96,7 +118,7 @@ class ImageDirSource:
         self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise DecodeError(f"{path}: the directory holds no {'/'.join(IMAGE_SUFFIXES)} frames")
-        self.fps = 30.0 if fps is None else float(fps)
+        self.fps = FRAME_DIR_FPS if fps is None else float(fps)
         self.path = path
         self.num_frames = len(self.files)
         self.backend = f"images-pillow-{PIL.__version__}"
@@ -132,9 +154,9 @@ _READERS: dict[str, tuple[Callable[[Path], bool], Callable[..., FrameSource]]] =
 
 
 def register_reader(name: str, accepts: Callable[[Path], bool], factory: Callable[..., FrameSource]) -> None:
-    """Add a reader, tried after those registered before it. `factory(path, fps)` opens a FrameSource.
-    Registering an existing name replaces that reader in place: register_reader("video", ...) swaps
-    decord out."""
+    """Add a reader, tried after those registered before it. `factory(path, fps)` opens a FrameSource;
+    `fps` is the frame rate for sources without one of their own (None: the reader's default). Registering
+    an existing name replaces that reader in place: register_reader("video", ...) swaps decord out."""
     _READERS[name] = (accepts, factory)
 
 
@@ -143,8 +165,8 @@ register_reader("frame_dir", Path.is_dir, ImageDirSource)
 
 
 def open_source(path: Path, fps: float | None = None) -> FrameSource:
-    """Open `path` with the first registered reader that accepts it. `fps` overrides the container's frame
-    rate (a frame directory has none: default 30)."""
+    """Open `path` with the first registered reader that accepts it. `fps` is the frame rate of a frame
+    directory (default FRAME_DIR_FPS); a video file keeps its container's rate."""
     path = Path(path)
     if not path.exists():
         raise DecodeError(f"{path}: no such file or directory")
@@ -249,7 +271,7 @@ class DecodeJob:
     sampling: Sampling
     start_frame: int | None = None
     end_frame: int | None = None  # inclusive
-    fps: float | None = None  # overrides the container's frame rate; frame directories default to 30
+    fps: float | None = None  # frame rate of a frame directory (default FRAME_DIR_FPS); videos keep their own
 
 
 class _Pipe:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -73,8 +75,10 @@ def read_manifest(path: Path) -> list[VideoEntry]:
         if missing:
             raise ManifestError(f"{path}:1: missing column(s) {', '.join(missing)}; "
                                 f"the header must contain {', '.join(REQUIRED_COLUMNS)}")
-        if len(set(header)) != len(header):
-            raise ManifestError(f"{path}:1: duplicate column names in header {header}")
+        repeated = [name for name, count in Counter(header).items() if count > 1]
+        if repeated:
+            raise ManifestError(f"{path}:1, column {repeated[0]}: the header names column {repeated[0]!r} "
+                                f"{header.count(repeated[0])} times; give each column once")
         entries, seen = [], {}
         for row in reader:
             entry = _parse_row(path, reader.line_num, row)
@@ -84,7 +88,7 @@ def read_manifest(path: Path) -> list[VideoEntry]:
             seen[entry.video_id] = entry.line
             entries.append(entry)
     if not entries:
-        raise ManifestError(f"{path}: the manifest has a header but no rows")
+        raise ManifestError(f"{path}:2: the manifest has a header (line 1) but no rows; add one line per video")
     return entries
 
 
@@ -120,6 +124,7 @@ def _parse_row(path: Path, line: int, row: dict) -> VideoEntry:
 def _parse_frame(text: str, error: ManifestError) -> int | None:
     if not text:
         return None
-    if not text.isdigit():
+    # ASCII digits only: str.isdigit() also accepts characters such as '²' that int() refuses.
+    if not re.fullmatch(r"[0-9]+", text):
         raise error
     return int(text)

@@ -4,13 +4,14 @@ The run is resumable and never stopped by a bad video:
 - videos already in committed parts are skipped; a killed run loses only its uncommitted part;
 - a video that cannot be decoded, or whose features are not storable, is recorded as a failure in the part
   (path, stage, reason) and the run goes on; the exit code is then 2;
-- settings that change the features (backbone, weights, preprocessing, sampling, dtype) are fixed by the
-  first run; a resume with different ones is refused.
+- settings that change what is stored (backbone, weights, preprocessing, sampling, dtype, --keep-partial, and
+  --fps when sampling by frame rate) are fixed by the first run; a resume with different ones is refused.
 ``--shard K/N`` lets N independent processes (a SLURM array, several GPUs) fill one store: each takes every
 N-th video, writes parts tagged with its shard and holds its own lock.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .backbones import Preprocess, build_backbone
-from .decode import DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
+from .backbones import Backbone, Preprocess, build_backbone
+from .decode import FRAME_DIR_FPS, DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
 from .manifest import VideoEntry, file_sha256, read_manifest
 from .provenance import software_versions
 from .store import DEFAULT_STREAM, FeatureStore, FeatureValueError, PartSequence, PartWriter
@@ -56,7 +57,7 @@ class ExtractSummary:
     store: Path
     skipped: int = 0
     extracted: int = 0
-    partial: int = 0
+    partial: list[dict] = field(default_factory=list)  # videos kept up to where they broke (--keep-partial)
     failures: list[dict] = field(default_factory=list)
     frames: int = 0
     seconds: float = 0.0
@@ -67,9 +68,11 @@ class ExtractSummary:
 
     def lines(self) -> list[str]:
         rate = self.frames / self.seconds if self.seconds else 0.0
-        lines = [f"store {self.store}: {self.extracted} extracted ({self.partial} partial), {self.skipped} already "
-                 f"present, {len(self.failures)} failed; {self.frames} frames in {self.seconds:.1f}s "
+        lines = [f"store {self.store}: {self.extracted} extracted ({len(self.partial)} partial), {self.skipped} "
+                 f"already present, {len(self.failures)} failed; {self.frames} frames in {self.seconds:.1f}s "
                  f"({rate:.1f} frames/s)"]
+        lines += [f"  PARTIAL {p['video_id']} {p['path']}: kept {p['decoded_frames']} of {p['expected_frames']} "
+                  f"frames; {p['reason']}" for p in self.partial]
         lines += [f"  FAILED {f['video_id']} [{f['stage']}] {f['path']}: {f['reason']}" for f in self.failures]
         return lines
 
@@ -84,10 +87,15 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return index, count
 
 
-def store_provenance(config: ExtractConfig, backbone) -> dict:
+def store_provenance(config: ExtractConfig, backbone: Backbone) -> dict:
     """``features`` must match for a resume; ``software`` is recorded, not compared."""
-    features = {**backbone.provenance(), "map_shape": list(backbone.map_shape()),
-                "sampling": str(Sampling.parse(config.sampling)), "dtype": config.dtype, "stream": config.stream}
+    sampling = Sampling.parse(config.sampling)
+    features = {**backbone.provenance(), "map_shape": list(backbone.map_shape()), "sampling": str(sampling),
+                "dtype": config.dtype, "stream": config.stream,
+                # with it a video that breaks part-way is stored (flagged partial), without it a failure
+                "keep_partial": config.keep_partial}
+    if sampling.kind == "fps":  # --fps is a frame directory's frame rate, so it decides which frames fps:F takes
+        features["frame_dir_fps"] = FRAME_DIR_FPS if config.fps is None else config.fps
     software = {key: features.pop(key) for key in ("torch", "torchvision") if key in features}
     return {"features": features, "software": {**software_versions(), **software}}
 
@@ -95,6 +103,8 @@ def store_provenance(config: ExtractConfig, backbone) -> dict:
 def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     if config.dtype not in STORE_DTYPES:
         raise ValueError(f"--dtype {config.dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+    if config.fps is not None and not (math.isfinite(config.fps) and config.fps > 0):
+        raise ValueError(f"--fps {config.fps}: the frame rate of frame directories must be a number > 0")
     shard_index, shard_count = parse_shard(config.shard)
     sampling = Sampling.parse(config.sampling)
     entries = read_manifest(config.manifest)[shard_index::shard_count]
@@ -153,8 +163,9 @@ def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone, part: Par
             video.discard()
             fail("decode", str(error))
             return decoded_frames
-        summary.partial += 1
-        video.finish(**_counts(decoded, decoded_frames), partial=True, partial_reason=str(error))
+        counts = _counts(decoded, decoded_frames)
+        video.finish(**counts, partial=True, partial_reason=str(error))
+        summary.partial.append({"video_id": entry.video_id, "path": entry.path, "reason": str(error), **counts})
         summary.extracted += 1
         return decoded_frames
     except (FeatureValueError, RuntimeError, ValueError) as error:

@@ -24,6 +24,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from .decode import DECORD_UNREADABLE_WIDTHS
+
 # Each class is a direction in (x, y, log-size) space; a frame shows none of it, only the clip does.
 MOTIONS: dict[str, tuple[int, int, int]] = {
     "left": (-1, 0, 0),
@@ -163,7 +165,7 @@ def generate(out_dir: Path, config: SynthConfig = SynthConfig(), progress: bool 
 def _plan_domain(domain: str, config: SynthConfig) -> list[dict]:
     """One manifest row per video of `domain`, with the split and background colour it gets."""
     style = DOMAIN_STYLES[domain]
-    height, width = (2 * round(config.frame_size * s / 2) for s in style.scale)   # yuv420p needs even sizes
+    height, width = frame_shape(style, config.frame_size)
     n = config.videos_per_class
     n_val = max(1, round(n * config.val_fraction))
     n_test = max(1, round(n * config.test_fraction))
@@ -180,6 +182,17 @@ def _plan_domain(domain: str, config: SynthConfig) -> list[dict]:
                              width=width, background=background, shape=style.shape,
                              index=index))   # `index` seeds the video; it is not a manifest column
     return rows
+
+
+def frame_shape(style: DomainStyle, frame_size: int) -> tuple[int, int]:
+    """(height, width) of a domain's frames: `frame_size` scaled by the style, rounded to even sizes (yuv420p)."""
+    height, width = (2 * round(frame_size * s / 2) for s in style.scale)
+    # decord 0.6.0, the pipeline's video reader, cannot return frames of a few widths (heights are fine).
+    # From 12 px up they are isolated even numbers, so one 2 px step up reaches the nearest readable width;
+    # up rather than down so that a frame never gets smaller than asked.
+    while width in DECORD_UNREADABLE_WIDTHS:
+        width += 2
+    return height, width
 
 
 def _cue_backgrounds(label: str, splits: list[str], strength: float) -> list[str]:

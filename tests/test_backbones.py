@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from click.testing import CliRunner
+from torch import nn
 from torchvision.transforms import v2
 
-from extract.backbones import (OFFLINE_ENV, Preprocess, available_backbones, build_backbone,
-                               state_dict_sha256)
+from extract.backbones import (OFFLINE_ENV, Backbone, Preprocess, WeightsUnavailable, available_backbones,
+                               build_backbone, state_dict_sha256)
 from conftest import gradient_frames
+from pipelines.cli import main
 
 SMALL = Preprocess(frame_size=64, resize=72)
 FLOAT16_MAX = 65504.0
@@ -188,12 +191,24 @@ def test_missing_imagenet_cache_says_which_file_to_put_where(tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     monkeypatch.setenv(OFFLINE_ENV, "1")
     expected = tmp_path / "empty_home" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(WeightsUnavailable) as error:
         build_backbone("resnet50", weights="imagenet", preprocess=SMALL, device="cpu")
     message = str(error.value)
     assert str(expected) in message and "TORCH_HOME" in message
     assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in message
     assert not expected.exists()
+
+
+def test_missing_imagenet_cache_is_a_one_line_cli_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,domain,split\nv.mp4,a,d,train\n")
+    result = CliRunner().invoke(main, ["extract", str(manifest), "--out", str(tmp_path / "store"),
+                                       "--backbone", "resnet18", "--weights", "imagenet"])
+    expected = tmp_path / "empty_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert result.exit_code == 1 and str(expected) in result.output and OFFLINE_ENV in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
 
 
 def test_weights_hash_follows_its_documented_definition():
@@ -238,6 +253,20 @@ def test_random_resnet101_overflows_float16():
     maps = backbone(gradient_frames(1, 64, 64))
     assert torch.isfinite(maps).all() and maps.abs().max() > FLOAT16_MAX
     assert torch.isinf(maps.half()).any()
+
+
+def test_an_fp16_overflow_inside_the_network_suggests_another_precision():
+    # A real convolution whose output exceeds float16's range under fp16 autocast. CPU autocast runs fp16 too,
+    # which build_backbone does not offer on CPU (slow), so the Backbone is made directly.
+    conv = nn.Conv2d(3, 4, kernel_size=1, bias=False)
+    nn.init.constant_(conv.weight, 1e5)
+    backbone = Backbone("huge-conv", "conv", nn.Sequential(conv), frames_per_step=1, weights="constant",
+                        preprocess=Preprocess(frame_size=8, resize=8), device=torch.device("cpu"), precision="fp16")
+    frames = np.full((1, 8, 8, 3), 255, dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"huge-conv produced inf/NaN under --precision fp16.*--precision bf16.*fp32"):
+        backbone(frames)
+    backbone.precision = "fp32"  # the same model in float32 is finite: the check is about fp16 only
+    assert torch.isfinite(backbone(frames)).all()
 
 
 def test_device_precision_and_input_errors_are_explained():

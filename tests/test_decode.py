@@ -12,11 +12,11 @@ from PIL import Image
 
 from conftest import gradient_frames, write_video
 from extract import decode
-from extract.decode import (DecodeError, DecodeJob, DecordSource, Sampling, iter_batches, open_source,
-                            prefetch, register_reader)
+from extract.decode import (DECORD_UNREADABLE_WIDTHS, DecodeError, DecodeJob, DecordSource, Sampling, iter_batches,
+                            open_source, prefetch, register_reader)
 
-# decord 0.6.0 cannot return frames 16, 24, 48 or 72 px wide (see DecordSource.read), so these tests
-# use 64 px (a multiple of 16) and 46 px (not a multiple of 16).
+# decord 0.6.0 cannot return frames of the widths in DECORD_UNREADABLE_WIDTHS (16, 24, 48, 72 px...), so these
+# tests use 64 px (a multiple of 16) and 46 px (not a multiple of 16).
 HEIGHT, WIDTH = 32, 64
 
 
@@ -130,6 +130,29 @@ def test_video_frames_match_what_was_encoded(tmp_path, name, height, width, code
     assert bar_columns(frames) == expected_columns(range(12), width)
     # decord and PyAV wrap the same FFmpeg decoders, so they agree up to colour-conversion rounding.
     assert np.abs(frames.astype(int) - pyav_frames(path)).mean() < 1.0
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_a_width_decord_cannot_read_is_explained(tmp_path, codec):
+    path = write_video(tmp_path / "narrow.mp4", gradient_frames(3, HEIGHT, 24), fps=10, codec=codec)
+    assert 24 in DECORD_UNREADABLE_WIDTHS
+    with pytest.raises(DecodeError) as caught:
+        open_source(path).read(np.arange(3))
+    message = str(caught.value)
+    assert str(path) in message and "from_size == to_size" in message
+    assert "known decord 0.6.0 bug: it cannot return frames 24 px wide" in message and "scale=26:-2" in message
+
+
+def test_a_readable_width_gets_no_decord_bug_note(tmp_path):
+    # decord's size check can fail for other reasons too; the bug note is only for the widths it misreads.
+    path = write_video(tmp_path / "wide.mp4", gradient_frames(2, HEIGHT, WIDTH), fps=10)
+    assert decode._explain_decord_width_bug(path, "Check failed: from_size == to_size") == \
+        "Check failed: from_size == to_size"
+
+
+def test_a_video_keeps_its_own_frame_rate_whatever_fps_is_given(make_video):
+    # --fps is the frame rate of frame directories; a video's container says its own.
+    assert open_source(make_video("ten.mp4", fps=10), fps=25.0).fps == 10.0
 
 
 def test_sparse_and_repeated_indices(make_video):

@@ -1,5 +1,6 @@
 """`vidshift extract` end to end on real tiny videos, a tiny random ResNet-18, real zarr/HDF5 stores."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -10,17 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchvision
 from click.testing import CliRunner
 from PIL import Image
 
 from conftest import gradient_frames, write_video
-from extract.backbones import Preprocess, build_backbone
+from extract.backbones import Preprocess, build_backbone, state_dict_sha256
 from extract.decode import open_source
 from extract.run import ExtractConfig, run_extract
 from extract.store import FeatureStore, StoreError
 from pipelines.cli import main
+from test_decode import corrupt_packet
 
 TINY = dict(backbone="resnet18", weights="none", frame_size=64, resize=64, batch_size=4, workers=2)
+TINIER = {**TINY, "frame_size": 32, "resize": 32}  # 1x1 maps, a quarter of the compute: for the longer videos
 
 
 def write_manifest(root: Path, rows: list[dict]) -> Path:
@@ -76,7 +81,35 @@ def test_extracted_features_match_the_backbone(good_dataset, tmp_path, backend):
     assert table["manifest_sha256"] and table["videos"][0]["expected_frames"] == table["videos"][0]["decoded_frames"]
 
 
-def test_broken_inputs_are_recorded_and_the_run_goes_on(tmp_path):
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_provenance_records_the_weights_hash_preprocessing_and_creation_time(tmp_path, backend):
+    root = tmp_path / "data"
+    write_video(root / "v.mp4", gradient_frames(3))
+    manifest = write_manifest(root, [row("v.mp4")])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        state_dict = torchvision.models.resnet18().state_dict()
+    torch.save(state_dict, tmp_path / "weights.pth")
+    config = ExtractConfig(manifest=manifest, root=root, out=tmp_path / "store", format=backend,
+                           **{**TINY, "weights": str(tmp_path / "weights.pth")})
+    before = time.time()
+    assert run_extract(config, show_progress=False).exit_code == 0
+    store = FeatureStore.open(tmp_path / "store")
+    features, software = store.provenance()["features"], store.provenance()["software"]
+    # the hash covers the tensors the backbone loaded: the file's, without the classifier it cuts away
+    assert features["weights_sha256"] == state_dict_sha256({k: v for k, v in state_dict.items()
+                                                            if not k.startswith("fc.")})
+    assert features["weights"] == f"file:{(tmp_path / 'weights.pth').resolve()}"
+    preprocess = features["preprocess"]
+    assert (preprocess["mean"], preprocess["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert (preprocess["frame_size"], preprocess["resize"]) == (64, 64)
+    created = time.mktime(time.strptime(store.meta["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert before - 2 <= created <= time.time() + 2
+    assert software["vidshift"] and software["git_commit"] and software["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_broken_inputs_are_recorded_and_the_run_goes_on(tmp_path, backend):
     root = tmp_path / "data dir"
     write_video(root / "good.mp4", gradient_frames(6))
     write_video(root / "ünï cödé" / "clip with space.mp4", gradient_frames(5, seed=1))
@@ -94,7 +127,7 @@ def test_broken_inputs_are_recorded_and_the_run_goes_on(tmp_path):
     manifest = write_manifest(root, [row(name) for name in names])
     result = CliRunner().invoke(main, ["extract", str(manifest), "--out", str(tmp_path / "store"),
                                        "--backbone", "resnet18", "--weights", "none", "--frame-size", "64",
-                                       "--batch-size", "4", "--format", "hdf5"])
+                                       "--batch-size", "4", "--format", backend])
     assert result.exit_code == 2, result.output
     store = FeatureStore.open(tmp_path / "store")
     assert sorted(store.videos()) == ["good", "odd_frames", "one", "ünï cödé/clip with space"]
@@ -115,17 +148,122 @@ def test_resume_skips_done_videos_and_refuses_changed_settings(good_dataset, tmp
     again = run_extract(config, show_progress=False)
     assert (again.skipped, again.extracted) == (5, 0)
     for change in (dict(backbone="resnet34"), dict(weights="none", seed=1), dict(frame_size=96, resize=96),
-                   dict(dtype="float32"), dict(sampling="uniform:3")):
+                   dict(dtype="float32"), dict(sampling="uniform:3"), dict(keep_partial=True)):
         with pytest.raises(StoreError, match="extracted with different settings"):
             run_extract(replace(config, **change), show_progress=False)
 
 
-def test_float16_overflow_is_refused_and_float32_stores_it(tmp_path):
+def test_fps_is_the_rate_of_frame_directories_only_and_fixed_by_the_first_run(tmp_path):
+    root = tmp_path / "data"
+    write_video(root / "video.mp4", gradient_frames(10), fps=10)
+    (root / "frames").mkdir()
+    for t, frame in enumerate(gradient_frames(10, seed=1)):
+        Image.fromarray(frame).save(root / "frames" / f"{t:03d}.png")
+    manifest = write_manifest(root, [row("video.mp4"), row("frames")])
+    config = ExtractConfig(manifest=manifest, root=root, out=tmp_path / "store", sampling="fps:5", fps=20.0, **TINY)
+    assert run_extract(config, show_progress=False).exit_code == 0
+    store = FeatureStore.open(tmp_path / "store")
+    # fps:5 takes every 2nd frame of the 10 fps video, whatever --fps says, and every 4th of the 20 fps frames
+    np.testing.assert_array_equal(store.read("video", "steps")[:, 0], [0, 2, 4, 6, 8])
+    np.testing.assert_array_equal(store.read("frames", "steps")[:, 0], [0, 4, 8])
+    assert store.provenance()["features"]["frame_dir_fps"] == 20.0
+    with pytest.raises(StoreError, match=r"frame_dir_fps: store has 20.0, this run has 25.0"):
+        run_extract(replace(config, fps=25.0), show_progress=False)
+    assert run_extract(config, show_progress=False).skipped == 2
+    with pytest.raises(ValueError, match="--fps 0"):
+        run_extract(replace(config, fps=0.0), show_progress=False)
+
+
+@pytest.fixture
+def breaking_dataset(tmp_path):
+    """Videos that open but stop decoding part-way, between good ones; returns (root, rows by name).
+
+    "cut" is a frame directory of 30 frames whose 27th JPEG is truncated: in batches of 4 it always breaks
+    after 24 good frames, which (after the 50 steps of "before") fill the part's first 64-step shard, so it
+    is flushed before "cut" is rolled back. "corrupt" is an H.264 file with a damaged packet; decord decodes
+    ahead in a thread of its own, so how many of its batches come before the error varies from run to run.
+    """
+    root = tmp_path / "data"
+    write_video(root / "before.mp4", gradient_frames(50, seed=1))
+    (root / "cut").mkdir()
+    for t, frame in enumerate(gradient_frames(30, seed=3)):
+        Image.fromarray(frame).save(root / "cut" / f"{t:03d}.jpg", quality=95)
+    (root / "cut" / "026.jpg").write_bytes((root / "cut" / "026.jpg").read_bytes()[:-200])
+    corrupt_packet(write_video(root / "corrupt.mp4", gradient_frames(40, seed=2)), 25)
+    write_video(root / "after.mp4", gradient_frames(9, seed=4))
+    return root, {name: row(name if name == "cut" else f"{name}.mp4") for name in ("before", "cut", "corrupt", "after")}
+
+
+def assert_same_arrays(store: FeatureStore, reference: FeatureStore, video_ids) -> None:
+    for video_id in video_ids:
+        for array in ("maps", "pooled", "steps"):
+            np.testing.assert_array_equal(store.read(video_id, array), reference.read(video_id, array))
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_a_video_that_breaks_mid_decode_is_rolled_back(breaking_dataset, tmp_path, backend):
+    root, rows = breaking_dataset
+    manifest = write_manifest(root, list(rows.values()))
+    summary = run_extract(ExtractConfig(manifest=manifest, root=root, out=tmp_path / "store", format=backend,
+                                        **TINIER), show_progress=False)
+    assert summary.exit_code == 2 and summary.partial == []
+    failed = {f["video_id"]: f for f in summary.failures}
+    assert sorted(failed) == ["corrupt", "cut"] and {f["stage"] for f in failed.values()} == {"decode"}
+    assert "026.jpg: cannot decode the image" in failed["cut"]["reason"]
+    assert "stopped at frame 24: 24 of 30 planned frames decoded" in failed["cut"]["reason"]
+    assert "of 40 planned frames decoded" in failed["corrupt"]["reason"]
+    # the rows the broken videos had appended are gone: the neighbours read back exactly as in a clean run
+    reference_manifest = write_manifest(tmp_path, [rows["before"], rows["after"]])
+    run_extract(ExtractConfig(manifest=reference_manifest, root=root, out=tmp_path / "reference", format=backend,
+                              **TINIER), show_progress=False)
+    store, reference = FeatureStore.open(tmp_path / "store"), FeatureStore.open(tmp_path / "reference")
+    assert sorted(store.videos()) == ["after", "before"]
+    assert store.video("after").offset == 50  # written where the broken videos' rows were
+    assert_same_arrays(store, reference, ["before", "after"])
+    assert store.verify() == [] and sorted(f["video_id"] for f in store.failures()) == ["corrupt", "cut"]
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_keep_partial_stores_the_decoded_prefix_flagged(breaking_dataset, tmp_path, backend):
+    root, rows = breaking_dataset
+    manifest = write_manifest(root, [rows["before"], rows["cut"], rows["after"]])
+    out = tmp_path / "store"
+    result = CliRunner().invoke(main, ["extract", str(manifest), "--out", str(out), "--format", backend,
+                                       "--backbone", "resnet18", "--weights", "none", "--frame-size", "32",
+                                       "--resize", "32", "--batch-size", "4", "--keep-partial"])
+    # kept as asked, so not a failure: exit 0, but named on screen
+    assert result.exit_code == 0, result.output
+    assert "3 extracted (1 partial)" in result.output
+    assert "PARTIAL cut cut: kept 24 of 30 frames; " in result.output
+    store = FeatureStore.open(out)
+    assert sorted(store.videos()) == ["after", "before", "cut"] and store.failures() == []
+    np.testing.assert_array_equal(store.read("cut", "steps"), [[t, t] for t in range(24)])
+    (table,) = store.part_tables().values()
+    cut = next(video for video in table["videos"] if video["video_id"] == "cut")
+    assert cut["partial"] is True and (cut["decoded_frames"], cut["expected_frames"]) == (24, 30)
+    assert "stopped at frame 24" in cut["partial_reason"]
+    assert all(video["partial"] is False for video in table["videos"] if video["video_id"] != "cut")
+    assert store.provenance()["features"]["keep_partial"] is True
+    info = json.loads(CliRunner().invoke(main, ["store", "info", "--json", str(out)]).output)
+    assert info["streams"]["rgb"]["partial"] == 1
+    # the frames that did decode are the same features a clean 24-frame directory gives
+    reference_root = tmp_path / "reference_data"
+    (reference_root / "cut").mkdir(parents=True)
+    for t in range(24):
+        (reference_root / "cut" / f"{t:03d}.jpg").write_bytes((root / "cut" / f"{t:03d}.jpg").read_bytes())
+    run_extract(ExtractConfig(manifest=write_manifest(reference_root, [rows["cut"]]), root=reference_root,
+                              out=tmp_path / "reference", format=backend, keep_partial=True, **TINIER),
+                show_progress=False)
+    assert_same_arrays(store, FeatureStore.open(tmp_path / "reference"), ["cut"])
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_float16_overflow_is_refused_and_float32_stores_it(tmp_path, backend):
     root = tmp_path / "data"
     write_video(root / "v.mp4", gradient_frames(2))
     manifest = write_manifest(root, [row("v.mp4")])
     # random-init ResNet-101 at 224 px: layer4 activations ~1e5, beyond float16's 65504
-    config = ExtractConfig(manifest=manifest, root=root, out=tmp_path / "f16", backbone="resnet101",
+    config = ExtractConfig(manifest=manifest, root=root, out=tmp_path / "f16", format=backend, backbone="resnet101",
                            weights="none", frame_size=224, batch_size=2, workers=1)
     summary = run_extract(config, show_progress=False)
     assert summary.exit_code == 2 and "exceeds float16's range" in summary.failures[0]["reason"]

@@ -47,11 +47,20 @@ def test_errors_name_line_and_column(tmp_path, body, expected):
     ("v.mp4,x,d,train,s,3,", "column end_frame: a segment needs both"),
     ("v.mp4,x,d,train,s,9,3", "column end_frame: end_frame 3 is before start_frame 9"),
     ("v.mp4,x,d,train,s,-1,3", "column start_frame: must be a non-negative integer"),
+    ("v.mp4,x,d,train,s,\u00b2,3", "column start_frame: must be a non-negative integer"),  # '²'.isdigit() is True
+    ("v.mp4,x,d,train,s,3,\u0663", "column end_frame: must be a non-negative integer"),  # Arabic-Indic 3
 ])
 def test_segment_errors(tmp_path, row, expected):
     path = write(tmp_path, "path,label,domain,split,video_id,start_frame,end_frame\n" + row + "\n")
     with pytest.raises(ManifestError, match=expected):
         read_manifest(path)
+
+
+def test_header_problems_name_the_line_and_column(tmp_path):
+    with pytest.raises(ManifestError, match=r":1, column label: the header names column 'label' 2 times"):
+        read_manifest(write(tmp_path, "path,label,domain,split,label\na,b,c,train,d\n"))
+    with pytest.raises(ManifestError, match=r"manifest.csv:2: the manifest has a header \(line 1\) but no rows"):
+        read_manifest(write(tmp_path, "path,label,domain,split\n"))
 
 
 def test_missing_column_and_missing_file(tmp_path):

@@ -1,13 +1,16 @@
 """Feature store on real zarr v3 and HDF5 files: round trips, rollback, integrity, provenance, locking."""
+import json
 import pickle
 
 import h5py
 import numpy as np
 import pytest
+import zarr
 
 from click.testing import CliRunner
 
 from extract.store import FeatureStore, FeatureValueError, StoreError
+from extract.store.part_writer import _cast
 from pipelines.cli import main
 
 MAP_SHAPE = (2, 3, 4)
@@ -91,6 +94,21 @@ def test_overflow_and_nan_are_refused_naming_the_video(store):
     with pytest.raises(FeatureValueError, match="v2: the backbone produced NaN or inf"):
         part.video("v2", {}).append(steps_for(1), np.full((1, *MAP_SHAPE), np.nan, dtype=np.float32))
     part.abort()
+    assert not part.tmp_path.exists()
+
+
+def test_float16_cast_is_bit_identical_to_numpy_including_rounding_edges():
+    # Values at and around float16's limits: the largest normal and the rounding boundary to inf (65520),
+    # ties between neighbours (round half to even), subnormals and their ties, signed zeros.
+    tiny = float(np.finfo(np.float16).smallest_subnormal)
+    edges = np.array([65504, 65505, 65519.99, 65520, 1e9, 1 + 2**-11, 1 + 3 * 2**-11, 2049, 2051, tiny, tiny / 2,
+                      1.5 * tiny, 2.5 * tiny, 6.1e-5, 0.0, -0.0, 1e-30], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([edges, -edges, rng.normal(scale=10.0, size=4096).astype(np.float32),
+                             rng.uniform(-65504, 65504, 4096).astype(np.float32)])
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(_cast(values, np.dtype(np.float16)).view(np.uint16), expected.view(np.uint16))
 
 
 def flip_byte_in_first_chunk(store):
@@ -165,3 +183,53 @@ def test_store_pickles_without_open_handles(store):
 def test_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="not a vidshift feature store"):
         FeatureStore.open(tmp_path)
+
+
+def array_chunk_steps(store, name):
+    """Steps per chunk of ``rgb/<name>`` in the store's first part, read from the file itself."""
+    part = store.root / "parts" / store.part_names()[0]
+    if store.backend == "zarr":
+        return zarr.open_group(str(part), mode="r")[f"rgb/{name}"].chunks[0]
+    with h5py.File(part, "r") as handle:
+        return handle[f"rgb/{name}"].chunks[0]
+
+
+def test_small_arrays_are_chunked_by_16_steps_maps_by_one(store):
+    rng = np.random.default_rng(5)
+    # shard_steps 32: two pooled chunks a shard. "broken" writes steps 20..33 (one batch of 14), so the first
+    # shard is flushed before it is rolled back, and that shard is re-buffered and written again with "b".
+    videos = {"a": random_maps(rng, 20), "broken": random_maps(rng, 30), "b": random_maps(rng, 25),
+              "c": random_maps(rng, 1)}
+    write_part(store, videos, fail={"broken"}, shard_steps=32, batch=14)
+    reopened = FeatureStore.open(store.root)
+    assert [array_chunk_steps(reopened, name) for name in ("maps", "pooled", "steps")] == [1, 16, 16]
+    for video_id in "abc":
+        np.testing.assert_array_equal(reopened.read(video_id, "maps"), videos[video_id].astype(np.float16))
+        np.testing.assert_allclose(reopened.read(video_id, "pooled"), videos[video_id].mean(axis=(1, 2)), rtol=1e-6)
+        np.testing.assert_array_equal(reopened.read(video_id, "steps"), steps_for(len(videos[video_id])))
+    np.testing.assert_array_equal(reopened.read("b", "pooled", steps=[24, 0, 15, 16]),
+                                  reopened.read("b", "pooled")[[24, 0, 15, 16]])
+    assert reopened.verify() == []
+
+
+def test_info_json_sizes_and_compression_ratios_agree(store):
+    rng = np.random.default_rng(6)
+    write_part(store, {"a": random_maps(rng, 5), "b": random_maps(rng, 3), "x": random_maps(rng, 2)}, fail={"x"})
+    result = CliRunner().invoke(main, ["store", "info", "--json", str(store.root)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    parts = store.root / "parts"
+    on_disk = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file() and not f.name.startswith(".tmp"))
+    steps, map_values, channels = 8, int(np.prod(MAP_SHAPE)), MAP_SHAPE[-1]
+    assert (info["backend"], info["parts"], info["disk_bytes"]) == (store.backend, 1, on_disk)
+    # per step: maps (float16 stored, float32 raw), pooled float32, steps 2 x int32
+    assert info["raw_bytes_stored_dtype"] == steps * (map_values * 2 + channels * 4 + 8)
+    assert info["raw_bytes_float32"] == steps * (map_values * 4 + channels * 4 + 8)
+    assert info["compression_ratio"] == pytest.approx(info["raw_bytes_stored_dtype"] / on_disk)
+    assert info["ratio_vs_float32"] == pytest.approx(info["raw_bytes_float32"] / on_disk)
+    rgb = info["streams"]["rgb"]
+    assert (rgb["videos"], rgb["steps"], rgb["partial"]) == (2, steps, 0)
+    assert [f["video_id"] for f in rgb["failures"]] == ["x"]
+    assert rgb["provenance"] == provenance()
+    text = CliRunner().invoke(main, ["store", "info", str(store.root)]).output
+    assert f"{info['compression_ratio']:.2f}x vs raw stored dtype" in text and "FAILED x" in text

@@ -1,9 +1,10 @@
 """HDF5 backend for one store part (one ``.h5`` file written by exactly one process).
 
 Same layout as the zarr backend: datasets ``<stream>/maps`` [T, H, W, C], ``<stream>/pooled`` [T, C],
-``<stream>/steps`` [T, 2] and ``table`` (UTF-8 JSON bytes). One time step per chunk, zstd level 1 through
-hdf5plugin (readers need hdf5plugin too; importing this module registers it) and a fletcher32 checksum per
-chunk, which makes a flipped byte an I/O error instead of silently wrong numbers.
+``<stream>/steps`` [T, 2] and ``table`` (UTF-8 JSON bytes). One ``maps`` step per chunk (``pooled`` and
+``steps``: a few, as the writer chooses), zstd level 1 through hdf5plugin (readers need hdf5plugin too;
+importing this module registers it) and a fletcher32 checksum per chunk, which makes a flipped byte an I/O
+error instead of silently wrong numbers.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ class Hdf5PartWriter:
         del shard_steps  # HDF5 packs chunks into one file by itself; no shard notion
         self.file = h5py.File(path, "w")
 
-    def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str) -> None:
+    def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str, chunk_steps: int) -> None:
         self.file.create_dataset(
             f"{stream}/{name}", shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-            chunks=(1, *row_shape), fletcher32=True, **hdf5plugin.Zstd(clevel=1))
+            chunks=(chunk_steps, *row_shape), fletcher32=True, **hdf5plugin.Zstd(clevel=1))
 
     def write(self, stream: str, name: str, start: int, rows: np.ndarray) -> None:
         dataset = self.file[f"{stream}/{name}"]
@@ -43,6 +44,9 @@ class Hdf5PartWriter:
     def finish(self, table: dict) -> None:
         self.file.create_dataset("table", data=np.frombuffer(json.dumps(table).encode(), dtype=np.uint8))
         self.file.close()
+
+    def close(self) -> None:
+        self.file.close()  # a no-op when finish() already closed it
 
 
 class Hdf5PartReader:

@@ -15,8 +15,10 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -183,7 +185,8 @@ class FeatureStore:
         return index
 
     # ---- reading -------------------------------------------------------------------------------------
-    def read(self, video_id: str, array: str = "pooled", steps=None, stream: str = DEFAULT_STREAM) -> np.ndarray:
+    def read(self, video_id: str, array: str = "pooled", steps: Sequence[int] | np.ndarray | None = None,
+             stream: str = DEFAULT_STREAM) -> np.ndarray:
         """``maps`` [T, H, W, C], ``pooled`` [T, C] or ``steps`` [T, 2] of a video; ``steps`` selects time steps.
 
         Chosen steps are read as contiguous runs of slices (never fancy indexing, which is 10-100x slower on
@@ -232,8 +235,9 @@ class FeatureStore:
             raise StoreError(f"{self.root}: no stream {stream!r}; this store has {', '.join(self.streams)}")
 
     # ---- writing -------------------------------------------------------------------------------------
-    def lock(self, tag: str):
-        """Exclusive lock for writers of parts tagged ``tag``; stale temporary parts of that tag are removed."""
+    def lock(self, tag: str) -> TextIO:
+        """Exclusive lock for writers of parts tagged ``tag``, held until the returned file is closed (use it
+        as a context manager); stale temporary parts of that tag are removed."""
         handle = open(self.root / f".lock-{tag}", "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -255,8 +259,9 @@ class FeatureStore:
                           self.map_shape(stream), channels, dtype, shard_steps, part_info)
 
     # ---- integrity -----------------------------------------------------------------------------------
-    def verify(self, progress=None) -> list[str]:
-        """Re-read every chunk (checksummed) and recompute every video's hash; return one line per problem."""
+    def verify(self, progress: Callable[[], None] | None = None) -> list[str]:
+        """Re-read every chunk (checksummed) and recompute every video's hash; return one line per problem.
+        ``progress()`` is called after each video (e.g. a tqdm bar's update)."""
         problems, seen = [], {}
         for part in self.part_names():
             try:

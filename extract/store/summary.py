@@ -10,6 +10,7 @@ def store_summary(store: FeatureStore) -> dict:
     disk = store.disk_bytes()
     streams = {}
     raw_stored = raw_float32 = 0
+    tables = store.part_tables()
     for stream in store.streams:
         videos = store.videos(stream)
         steps = sum(record.n_steps for record in videos.values())
@@ -21,13 +22,19 @@ def store_summary(store: FeatureStore) -> dict:
         raw_stored += steps * (map_values * itemsize + channels * 4 + 8)
         raw_float32 += steps * (map_values * 4 + channels * 4 + 8)
         streams[stream] = {"videos": len(videos), "steps": steps, "failures": store.failures(stream),
-                           "partial": sum(1 for r in videos.values() if r.attrs.get("partial")),
+                           "partial": _count_partial(tables, videos, stream),
                            "provenance": store.provenance(stream)}
     return {"path": str(store.root), "backend": store.backend, "created": store.meta["created"],
             "parts": len(store.part_names()), "disk_bytes": disk, "raw_bytes_stored_dtype": raw_stored,
             "raw_bytes_float32": raw_float32,
             "compression_ratio": raw_stored / disk if disk else None,
             "ratio_vs_float32": raw_float32 / disk if disk else None, "streams": streams}
+
+
+def _count_partial(tables: dict[str, dict], videos: dict, stream: str) -> int:
+    """Stored videos flagged partial (--keep-partial); the flag is in the part's table, beside the counts."""
+    return sum(1 for part, table in tables.items() if table["stream"] == stream for row in table["videos"]
+               if row.get("partial") and row["video_id"] in videos and videos[row["video_id"]].part == part)
 
 
 def format_summary(summary: dict) -> str:

@@ -2,7 +2,8 @@
 
 Layout inside the group: ``<stream>/maps`` [T, H, W, C], ``<stream>/pooled`` [T, C] float32,
 ``<stream>/steps`` [T, 2] int32 and ``table`` (the part's video table as UTF-8 JSON bytes).
-Every array has one time step per inner chunk (random reads of a few steps per video are the read pattern),
+``maps`` has one time step per inner chunk (random reads of a few steps per video are the read pattern),
+``pooled`` and ``steps`` a few steps per chunk (the writer chooses; their rows are tiny); every chunk is
 compressed with zstd and checksummed with crc32c. Inner chunks are packed into shards of ``shard_steps``
 steps so a store holds a few large objects instead of one file per frame; the writer buffers whole shards
 and writes each one once, so no shard is ever shared by two writers (research/store.md §1.6: two writers in
@@ -26,9 +27,10 @@ class ZarrPartWriter:
         self.group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
         self.shard_steps = shard_steps
 
-    def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str) -> None:
+    def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str, chunk_steps: int) -> None:
+        """An empty array of rows ``row_shape``; ``chunk_steps`` must divide ``shard_steps``."""
         self.group.create_array(
-            f"{stream}/{name}", shape=(0, *row_shape), dtype=dtype, chunks=(1, *row_shape),
+            f"{stream}/{name}", shape=(0, *row_shape), dtype=dtype, chunks=(chunk_steps, *row_shape),
             shards=(self.shard_steps, *row_shape), compressors=COMPRESSORS, fill_value=0,
             dimension_names=("step", *("y", "x", "channel")[-len(row_shape):]))
 
@@ -51,6 +53,9 @@ class ZarrPartWriter:
         payload = np.frombuffer(json.dumps(table).encode(), dtype=np.uint8)
         self.group.create_array("table", shape=payload.shape, dtype="uint8", chunks=payload.shape or (1,),
                                 compressors=COMPRESSORS)[...] = payload
+
+    def close(self) -> None:
+        pass  # zarr keeps no file open between writes
 
 
 class ZarrPartReader:
