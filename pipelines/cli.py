@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 import yaml
+from tqdm import tqdm
 
 from extract.backbones import available_backbones
 from extract.manifest import ManifestError
@@ -121,8 +122,9 @@ def info(path: Path, as_json: bool) -> None:
 def verify(path: Path) -> None:
     """Re-read every chunk and video hash; exit 1 naming every bad video."""
     with FeatureStore.open(path) as feature_store:
-        problems = feature_store.verify()
         total = sum(len(feature_store.videos(stream)) for stream in feature_store.streams)
+        with tqdm(total=total, desc="verify", unit="video") as bar:
+            problems = feature_store.verify(progress=bar.update)
     for problem in problems:
         click.echo(f"BAD {problem}")
     click.echo(f"{total} videos checked, {len(problems)} problem(s)")
@@ -201,9 +203,10 @@ def train(store_path, manifest, head, config_file, assignments, out, resume, **o
 @click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True,
               help="best: the source-val selected epoch; checkpoint: the last finished epoch.")
 @click.option("--device", default="auto", show_default=True)
-def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device) -> None:
+@click.option("--workers", default=2, show_default=True, help="DataLoader processes streaming the features.")
+def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device, workers) -> None:
     """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run."""
-    report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device)
+    report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device, workers)
     click.echo(f"{domain}/{split}: {report['videos']} videos, top-1 {report['accuracy']:.4f}, "
                f"mean class accuracy {report['mean_class_accuracy']:.4f}; wrote {run_dir}/eval-{domain}-{split}.*")
 

@@ -3,18 +3,20 @@
 Everything runs on a laptop CPU in minutes: a random-init ResNet-18 at a small frame size extracts the built-in
 synthetic dataset (classes defined by motion, a background colour that gives the class away in the source domain
 only), then every head trains in each protocol it supports. Re-running reuses the videos and the store (the
-extraction resumes) and retrains the heads whose run dir is missing.
+extraction resumes) and each head's run: a finished run as it is, a killed one resumed; a run made with other
+settings (another --epochs, say) is deleted and retrained.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from extract.run import ExtractConfig, run_extract
 from extract.synth import CLASSES, SynthConfig, describe, generate
 from heads import base as heads
-from pipelines.train import TrainConfig, train
+from pipelines.train import RunMismatch, TrainConfig, train
 
 # Small-data settings. The paper defaults assume thousands of pretrained-backbone features: on 72 source videos of
 # random-init ResNet-18 features (mean ~0.9, small class-dependent variation) SGD at lr 0.03 blows up in the first
@@ -68,16 +70,10 @@ def run_demo(config: DemoConfig, echo=print) -> list[dict]:
     source, target = synth.domains[0], synth.domains[1]
     rows = []
     for head_name, setting in demo_runs(config.heads):
-        run_dir = out / "runs" / f"{head_name}-{setting}"
-        metrics = run_dir / "metrics.json"
-        if metrics.is_file() and json.loads(metrics.read_text())["final"].get("epochs_run"):
-            report = json.loads(metrics.read_text())
-        else:
-            overrides = {**demo_overrides(heads.available()[head_name]), "epochs": config.epochs}
-            echo(f"training {head_name} ({setting}) ...")
-            report = train(TrainConfig(store=out / "store", manifest=manifest, head=head_name, source=source,
-                                       target=target, setting=setting, hparams=overrides, seed=config.seed,
-                                       out=run_dir), resume=run_dir.exists())
+        overrides = {**demo_overrides(heads.available()[head_name]), "epochs": config.epochs}
+        report = train_or_reuse(TrainConfig(store=out / "store", manifest=manifest, head=head_name, source=source,
+                                            target=target, setting=setting, hparams=overrides, seed=config.seed,
+                                            out=out / "runs" / f"{head_name}-{setting}"), echo)
         rows.append({"head": head_name, "setting": setting, "input": heads.available()[head_name].input,
                      **report["final"]})
     table = format_table(rows, source, target)
@@ -85,6 +81,21 @@ def run_demo(config: DemoConfig, echo=print) -> list[dict]:
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def train_or_reuse(config: TrainConfig, echo=print) -> dict:
+    """Train one demo run; a finished run returns at once, a killed one resumes, one with other settings retrains."""
+    label = f"{config.head} ({config.setting})"
+    metrics = Path(config.out) / "metrics.json"
+    done = json.loads(metrics.read_text())["final"]["epochs_run"] if metrics.is_file() else 0
+    if done < config.hparams["epochs"]:
+        echo(f"resuming {label} after epoch {done} ..." if done else f"training {label} ...")
+    try:
+        return train(config, resume=True)
+    except RunMismatch as mismatch:  # the trainer refuses to resume a run made with other settings
+        echo(f"retraining {label}: its {mismatch.key} changed since the run in {config.out}")
+        shutil.rmtree(config.out)
+        return train(config)
 
 
 def format_table(rows: list[dict], source: str, target: str) -> str:

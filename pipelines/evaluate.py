@@ -63,7 +63,11 @@ def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: 
     config = record["config"]
     store = FeatureStore.open(store_path)
     check_store_matches(record["store"], store, config["stream"])
-    head_cls = heads.available()[config["head"]]
+    registry = heads.available()
+    if config["head"] not in registry:
+        raise RunError(f"{run_dir} was trained with head {config['head']!r}, which this vidshift does not register "
+                       f"(it has {', '.join(registry)}); evaluate it with the version that trained it")
+    head_cls = registry[config["head"]]
     torch_device = resolve_device(device)
     head = heads.build(config["head"], feature_shape(store, head_cls.input, config["stream"]),
                        len(record["classes"]), config["num_segments"], record["head_hparams"]).to(torch_device)
@@ -81,9 +85,6 @@ def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, s
     run = load_run(run_dir, store_path, checkpoint, device)
     config, classes = run.config, run.record["classes"]
     entries = select(read_manifest(manifest), domain, split)
-    unknown = sorted({entry.label for entry in entries} - set(classes))
-    if unknown:
-        raise RunError(f"{manifest}: labels {unknown} were not among the run's classes {classes}")
     features = open_feature_set(run.store, entries, run.head.input, classes, config["stream"], skip_missing=False)
     if features is None:
         raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")

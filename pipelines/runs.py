@@ -2,6 +2,10 @@
 
 Also the store identity a run records, so that a later resume or evaluation on a different store (another
 backbone, other weights, other preprocessing) is refused instead of silently mixing features.
+
+Classes are the labels of the source domain's rows (closed-set DA/DG: the target shares the source's label
+space), so the target's label vocabulary never shapes the head. Rows labelled ``unlabelled`` (EPIC-100 target
+segments without annotations) are adaptation data only: training or evaluating on them is an error.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from data_manifests.epic_kitchens import UNLABELLED
 from extract.manifest import VideoEntry, read_manifest
 from extract.store import FeatureStore, StoreError
 from pipelines.data import FeatureSet
@@ -79,6 +84,28 @@ def feature_shape(store: FeatureStore, array: str, stream: str) -> tuple[int, ..
     return (features["map_shape"][-1] if features.get("map_shape") else features["channels"],)
 
 
+def source_classes(entries: list[VideoEntry], source: str) -> list[str]:
+    """The run's classes: the labels of the source domain's labelled rows, sorted."""
+    classes = sorted({entry.label for entry in entries if entry.domain == source and entry.label != UNLABELLED})
+    if not classes:
+        raise RunError(f"source domain {source!r} has no labelled videos (every row is {UNLABELLED!r})")
+    return classes
+
+
+def check_labels(entries: list[VideoEntry], classes: list[str]) -> None:
+    """Refuse to train or evaluate on rows without a label, or with a label outside the run's classes."""
+    where = f"domain {entries[0].domain!r}, split {entries[0].split!r}"
+    unlabelled = [entry.video_id for entry in entries if entry.label == UNLABELLED]
+    if unlabelled:
+        raise RunError(f"{len(unlabelled)} of {len(entries)} videos of {where} are {UNLABELLED!r} "
+                       f"(e.g. {', '.join(unlabelled[:3])}): they can be the unlabelled target train split of "
+                       f"--setting da, but not trained or evaluated on; pick a labelled split (--eval-split)")
+    unknown = sorted({entry.label for entry in entries} - set(classes))
+    if unknown:
+        raise RunError(f"labels {unknown} of {where} are not among the source classes {classes}: DA/DG here is "
+                       f"closed-set (the target's classes must be a subset of the source's)")
+
+
 def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str, classes: list[str], stream: str,
                      skip_missing: bool, labelled: bool = True) -> FeatureSet | None:
     if skip_missing:
@@ -86,6 +113,8 @@ def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str,
         entries = [entry for entry in entries if entry.video_id in present]
     if not entries:
         return None
+    if labelled:
+        check_labels(entries, classes)
     return FeatureSet(store, entries, array, {name: i for i, name in enumerate(classes)}, labelled, stream)
 
 
@@ -100,7 +129,7 @@ def load_run_inputs(config, array: str) -> RunInputs:
         if domain is not None and domain not in domains:
             raise RunError(f"{role} {domain!r} is not a domain of {config.manifest}; its domains are "
                            f"{', '.join(domains)}")
-    classes = sorted({entry.label for entry in entries})
+    classes = source_classes(entries, config.source)
 
     def open_split(domain: str, split: str, labelled: bool = True) -> FeatureSet | None:
         return open_feature_set(store, select(entries, domain, split), array, classes, config.stream,

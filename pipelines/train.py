@@ -9,8 +9,10 @@ at the best source-val epoch (the selection a real DG/DA user can make), at the 
 (best target epoch; labelled as such: it is what TA3N's and APN's official code report).
 
 A run dir holds ``config.yaml`` (everything needed to repeat it), ``metrics.json``, ``checkpoint.pt`` (last
-epoch: head, optimisers, RNG; for ``--resume``), ``best.pt`` (head at the selected epoch) and ``train.log``.
-All checkpoints are plain state dicts, loadable with ``torch.load(weights_only=True)``.
+epoch: head, optimisers, CPU and CUDA RNG states; for ``--resume``), ``best.pt`` (head at the selected epoch) and
+``train.log``. All checkpoints are plain state dicts, loadable with ``torch.load(weights_only=True)``. A resume
+must repeat what decides the numbers (``RESULT_FIELDS``, hparams, classes, features, manifest); it may move the
+store or change how features are held.
 """
 from __future__ import annotations
 
@@ -30,12 +32,17 @@ from extract.manifest import file_sha256
 from extract.provenance import software_versions
 from heads import base as heads
 from heads.base import LabelledBatch, UnlabelledBatch
-from pipelines.data import TRAIN_SAMPLINGS, FeatureSet, iterate, place_features, target_batch_size
+from pipelines.data import TRAIN_SAMPLINGS, iterate, place_features, target_batch_size
 from pipelines.evaluate import accuracy_report, predict
 from pipelines.runs import RunError, RunInputs, load_run_inputs, resolve_device, save_atomic, store_identity
 
 log = logging.getLogger("vidshift.train")
 SETTINGS = ("dg", "da")
+# The TrainConfig fields that change a run's numbers; --resume must repeat them (with the resolved hparams, classes,
+# features and manifest hashes). Paths, --features, --workers, --device and the memory budget may change.
+RESULT_FIELDS = ("head", "source", "target", "setting", "seed", "num_segments", "train_sampling", "eval_split",
+                 "skip_missing", "stream")
+FALLBACK_BUDGET_GB = 2.0  # in-memory budget where the OS does not report free memory
 
 
 @dataclass
@@ -64,12 +71,26 @@ class TrainConfig:
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self).items()}
 
 
+class RunMismatch(RunError):
+    """``--resume`` of a run dir whose run was made with other settings (``key`` names the first difference)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def memory_budget(device: torch.device, gigabytes: float | None) -> int:
+    """Bytes ``--features auto`` may hold in memory: the given budget, else half the free (GPU) memory."""
     if gigabytes is not None:
         return int(gigabytes * 2**30)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows) or no SC_AVPHYS_PAGES (macOS)
+        log.info("free memory unknown on this OS: in-memory budget %.0f GiB (--memory-budget-gb sets it)",
+                 FALLBACK_BUDGET_GB)
+        return int(FALLBACK_BUDGET_GB * 2**30)
 
 
 def check_config(config: TrainConfig) -> type[heads.Head]:
@@ -111,8 +132,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                   "manifest_sha256": file_sha256(config.manifest), "software": software_versions()}
     if resume and checkpoint_path.exists():
         _check_same_run(out / "config.yaml", run_record)
-    else:
-        (out / "config.yaml").write_text(yaml.safe_dump(run_record, sort_keys=False))
+    # Rewritten on resume too: the paths and settings that may change are then those of the latest invocation.
+    (out / "config.yaml").write_text(yaml.safe_dump(run_record, sort_keys=False))
 
     torch.manual_seed(config.seed)  # head initialisation
     head = heads.build(config.head, inputs.feat_shape, len(inputs.classes), config.num_segments, overrides)
@@ -129,11 +150,15 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                     if inputs.target_train else 0)
     history, start_epoch = [], 0
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        # RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state to the head's device
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         head.load_state_dict(state["head"])
         for optimizer, saved in zip(head.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda":  # a run saved on another machine may have had more devices
+            for index, cuda_state in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
         history, start_epoch = state["history"], state["epoch"] + 1
         log.info("resumed after epoch %d", state["epoch"])
 
@@ -169,9 +194,18 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         if _is_best(history):
             save_atomic({"head": head.state_dict(), "epoch": epoch}, out / "best.pt")
         save_atomic({"head": head.state_dict(), "optimizers": [o.state_dict() for o in head.optimizers],
-                     "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch}, checkpoint_path)
+                     "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(device), "history": history,
+                     "epoch": epoch}, checkpoint_path)
         _write_metrics(out, history, config)
     return _write_metrics(out, history, config)
+
+
+def _cuda_rng_states(device: torch.device) -> list[torch.Tensor]:
+    """Every CUDA device's RNG state when training on CUDA (dropout on the GPU draws from it), else none.
+
+    With the CPU generator these are all the RNGs training uses: nothing draws from numpy's or Python's.
+    """
+    return torch.cuda.get_rng_state_all() if device.type == "cuda" else []
 
 
 def _evaluate_epoch(head, inputs: RunInputs, config: TrainConfig, device: torch.device) -> dict:
@@ -217,12 +251,20 @@ def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
     return report
 
 
+def _result_identity(record: dict) -> dict:
+    """What of a run record decides its numbers (so moving the store or streaming instead does not count)."""
+    record = json.loads(json.dumps(record))  # tuples -> lists, as yaml reads them back
+    return {"config": {name: record["config"][name] for name in RESULT_FIELDS},
+            "head_hparams": record["head_hparams"], "classes": record["classes"],
+            "features_sha256": record["store"]["features_sha256"], "manifest_sha256": record["manifest_sha256"]}
+
+
 def _check_same_run(path: Path, run_record: dict) -> None:
-    saved = yaml.safe_load(path.read_text())
-    for key in ("config", "head_hparams", "classes", "store", "manifest_sha256"):
-        if saved.get(key) != json.loads(json.dumps(run_record[key])):
-            raise RunError(f"--resume: {key} differs from the run in {path.parent} (saved {saved.get(key)!r}, "
-                           f"now {run_record[key]!r}); resume with the same arguments or start a new --out")
+    saved, now = _result_identity(yaml.safe_load(path.read_text())), _result_identity(run_record)
+    for key in saved:
+        if saved[key] != now[key]:
+            raise RunMismatch(f"--resume: {key} differs from the run in {path.parent} (saved {saved[key]!r}, "
+                              f"now {now[key]!r}); resume with the same arguments or start a new --out", key)
 
 
 def _log_to(path: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 10, codec: str = "libx264") -> Path:
@@ -31,6 +32,15 @@ def gradient_frames(num_frames: int, height: int = 32, width: int = 64, seed: in
         column = (t * 3) % width
         frames[t, :, column : column + 4] = 255
     return frames
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -16,13 +16,7 @@ BASELINES = ["tempooling", "trn"]
 FEAT_DIM, NUM_CLASSES, NUM_SEGMENTS = 16, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def small(name: str, **extra) -> dict:
@@ -130,7 +124,7 @@ def test_hparam_types_are_checked_against_the_default():
     resolved = resolve_hparams(TemPooling, {"lr": 1, "lr_steps": [0.5, 1], "epochs": 3})
     assert resolved["lr"] == 1.0 and isinstance(resolved["lr"], float)      # int is fine for a float
     assert resolved["lr_steps"] == (0.5, 1.0)                                 # a YAML list is fine for a tuple
-    assert resolved["batch_size"] == 128 and resolved["nesterov"] is True     # untouched defaults
+    assert resolved["batch_size"] == 128 and resolved["nesterov"] is False    # untouched defaults
     for bad in ({"lr": "fast"}, {"epochs": 2.5}, {"epochs": True}, {"nesterov": 1}):
         with pytest.raises(HeadError, match=f"{next(iter(bad))}="):
             resolve_hparams(TemPooling, bad)

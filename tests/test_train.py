@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,24 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from conftest import make_feature_store
+from data_manifests.epic_kitchens import UNLABELLED
+from heads import base as heads_base
+from heads.pooling import TemPooling
 from pipelines.cli import main
 from pipelines.data import centre_steps, random_steps, target_batch_size
-from pipelines.evaluate import evaluate_run
-from pipelines.train import TrainConfig, train
+from pipelines.evaluate import accuracy_report, evaluate_run
+from pipelines.runs import RunError
+from pipelines.train import RunMismatch, TrainConfig, memory_budget, train
 
 FAST = {"epochs": 4, "batch_size": 8, "init_std": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a 2-core machine: extra threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,37 @@ def config_for(feature_store, out: Path, **changes) -> TrainConfig:
     store, manifest = feature_store
     return replace(TrainConfig(store=store, manifest=manifest, head="trn", source="src", target="tgt", out=out,
                                hparams=dict(FAST)), **changes)
+
+
+def edited_manifest(manifest: Path, out: Path, edit) -> Path:
+    """A copy of ``manifest`` at ``out`` with ``edit(rows)`` applied to its rows (dicts of the CSV's columns)."""
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows = edit(rows)
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def rows_of(rows: list[dict], domain: str, split: str) -> list[dict]:
+    return [row for row in rows if row["domain"] == domain and row["split"] == split]
+
+
+def check_final_report(report: dict) -> None:
+    """The final numbers, recomputed from the per-epoch records: first best source-val epoch, last, oracle."""
+    epochs, final = report["epochs"], report["final"]
+    best_val = max(record["src_val_acc"] for record in epochs)
+    selected = next(record for record in epochs if record["src_val_acc"] == best_val)  # ties keep the first
+    best_target = max(record["tgt_acc"] for record in epochs)
+    oracle = next(record for record in epochs if record["tgt_acc"] == best_target)
+    assert final["epochs_run"] == len(epochs)
+    assert final["selected_epoch"] == selected["epoch"] and final["src_val_acc_selected"] == best_val
+    assert final["target_acc_selected"] == selected["tgt_acc"]
+    assert final["target_mca_selected"] == selected["tgt_mca"]
+    assert final["target_acc_last"] == epochs[-1]["tgt_acc"]
+    assert final["oracle_target_acc"] == best_target and final["oracle_epoch"] == oracle["epoch"]
 
 
 def test_segment_sampling_follows_tsn():
@@ -62,8 +93,21 @@ def test_baselines_learn_the_synthetic_problem(feature_store, tmp_path, head):
     assert set(report["epochs"][0]) >= {"loss", "lr", "src_val_acc", "src_val_mca", "tgt_acc", "tgt_mca"}
     for name in ("config.yaml", "metrics.json", "checkpoint.pt", "best.pt", "train.log"):
         assert (tmp_path / head / name).is_file()
+    check_final_report(report)
     state = torch.load(tmp_path / head / "best.pt", weights_only=True)
     assert state["epoch"] + 1 == final["selected_epoch"]
+    last = torch.load(tmp_path / head / "checkpoint.pt", weights_only=True)
+    assert last["epoch"] + 1 == 4 and len(last["cuda_rng"]) == torch.cuda.device_count()
+
+
+def test_final_report_selection_ties_and_oracle(feature_store, tmp_path):
+    # Large steps make the accuracies move between epochs, so selection, ties, last and oracle can differ.
+    report = train(config_for(feature_store, tmp_path / "run", head="tempooling",
+                              hparams={**FAST, "epochs": 6, "lr": 0.3, "batch_size": 4}), show_progress=False)
+    check_final_report(report)
+    final = report["final"]  # the run exercises the distinctions: source-val ties, and three different epochs
+    assert len({final["selected_epoch"], final["oracle_epoch"], final["epochs_run"]}) == 3
+    assert [record["src_val_acc"] for record in report["epochs"]].count(final["src_val_acc_selected"]) > 1
 
 
 def test_same_seed_same_metrics_and_streaming_equals_memory(feature_store, tmp_path):
@@ -72,27 +116,88 @@ def test_same_seed_same_metrics_and_streaming_equals_memory(feature_store, tmp_p
     assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
     streamed = train(config_for(feature_store, tmp_path / "c", features="stream", workers=2), show_progress=False)
     assert streamed["epochs"] == first["epochs"] == second["epochs"]
+    over_budget = train(config_for(feature_store, tmp_path / "e", features="auto", memory_budget_gb=1e-6,
+                                   workers=0), show_progress=False)
+    assert "features streamed from the store" in (tmp_path / "e" / "train.log").read_text()
+    assert "features memory" in (tmp_path / "a" / "train.log").read_text()
+    assert over_budget["epochs"] == first["epochs"]
     other_seed = train(config_for(feature_store, tmp_path / "d", seed=1), show_progress=False)
     assert other_seed["epochs"] != first["epochs"]
 
 
-def test_da_target_labels_never_reach_the_head(feature_store, tmp_path):
-    store, manifest = feature_store
-    with open(manifest, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    target_train = [r for r in rows if r["domain"] == "tgt" and r["split"] == "train"]
-    shuffled = np.random.default_rng(0).permutation([r["label"] for r in target_train])
-    for row, label in zip(target_train, shuffled):
-        row["label"] = label
-    permuted = tmp_path / "permuted.csv"
-    with open(permuted, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    common = dict(setting="da", head="tempooling")
+@pytest.mark.parametrize("head", ["dann", "ta3n"])  # adapting heads: their updates use the target batch
+def test_da_target_labels_never_reach_the_head(feature_store, tmp_path, head):
+    def permute_target_train_labels(rows):
+        target_train = rows_of(rows, "tgt", "train")
+        shuffled = np.random.default_rng(0).permutation([row["label"] for row in target_train])
+        for row, label in zip(target_train, shuffled):
+            row["label"] = label
+        return rows
+
+    permuted = edited_manifest(feature_store[1], tmp_path / "permuted.csv", permute_target_train_labels)
+    common = dict(setting="da", head=head, hparams={**FAST, "epochs": 2})
     original = train(config_for(feature_store, tmp_path / "orig", **common), show_progress=False)
     relabelled = train(config_for(feature_store, tmp_path / "perm", manifest=permuted, **common), show_progress=False)
     assert original["epochs"] == relabelled["epochs"]
+    # The run is not blind to the target batch: another target train split changes the numbers.
+    fewer = edited_manifest(feature_store[1], tmp_path / "fewer.csv",
+                            lambda rows: [row for row in rows if row not in rows_of(rows, "tgt", "train")[::2]])
+    other_target = train(config_for(feature_store, tmp_path / "fewer", manifest=fewer, **common), show_progress=False)
+    assert other_target["epochs"] != original["epochs"]
+
+
+class BatchRecorder(TemPooling):
+    """TemPooling that records the (source, target) batch sizes the trainer feeds it (not registered globally)."""
+
+    name = "batch_recorder"
+    seen: list[tuple[int, int]] = []
+
+    def update(self, src, tgt, progress):
+        self.seen.append((len(src.x), len(tgt.x)))
+        return super().update(src, tgt, progress)
+
+
+def test_da_target_batches_follow_the_ratio_of_the_training_sets(feature_store, tmp_path, monkeypatch):
+    # Registered for this test only: the demo test trains every registered head.
+    monkeypatch.setitem(heads_base._REGISTRY, BatchRecorder.name, BatchRecorder)
+    monkeypatch.setattr(BatchRecorder, "seen", [])
+    half = edited_manifest(feature_store[1], tmp_path / "half.csv",
+                           lambda rows: [row for row in rows if row not in rows_of(rows, "tgt", "train")[::2]])
+    train(config_for(feature_store, tmp_path / "run", manifest=half, head=BatchRecorder.name, setting="da",
+                     hparams={**FAST, "epochs": 2}), show_progress=False)
+    # 24 source and 12 target train videos: 3 updates per epoch of 8 source and 8 * 12 / 24 = 4 target videos
+    assert BatchRecorder.seen == [(8, 4)] * 6
+
+
+def test_classes_come_from_labelled_source_rows_and_unlabelled_rows_are_not_evaluated(feature_store, tmp_path):
+    def unlabel_target_train(rows):
+        for i, row in enumerate(rows_of(rows, "tgt", "train")):
+            row["label"] = UNLABELLED if i % 2 else "z"  # "z": a target-only label, never a class
+        return rows
+
+    adaptation = edited_manifest(feature_store[1], tmp_path / "adaptation.csv", unlabel_target_train)
+    common = dict(setting="da", head="tempooling", hparams={**FAST, "epochs": 1})
+    train(config_for(feature_store, tmp_path / "run", manifest=adaptation, **common), show_progress=False)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["classes"] == ["a", "b", "c"]
+
+    def unlabel_target_test(rows):
+        for row in rows_of(rows, "tgt", "test"):
+            row["label"] = UNLABELLED
+        return rows
+
+    unlabelled_test = edited_manifest(adaptation, tmp_path / "unlabelled_test.csv", unlabel_target_test)
+    with pytest.raises(RunError, match="24 of 24 videos of domain 'tgt', split 'test' are 'unlabelled'"):
+        train(config_for(feature_store, tmp_path / "run2", manifest=unlabelled_test, **common), show_progress=False)
+    with pytest.raises(RunError, match="split 'test' are 'unlabelled'"):
+        evaluate_run(tmp_path / "run", feature_store[0], unlabelled_test, "tgt", "test")
+
+    def new_target_class(rows):
+        rows_of(rows, "tgt", "test")[0]["label"] = "z"
+        return rows
+
+    open_set = edited_manifest(feature_store[1], tmp_path / "open_set.csv", new_target_class)
+    with pytest.raises(RunError, match=r"labels \['z'\] of domain 'tgt', split 'test' are not among the source"):
+        train(config_for(feature_store, tmp_path / "run3", manifest=open_set, **common), show_progress=False)
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(feature_store, tmp_path):
@@ -122,17 +227,37 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(feature_store, tmp_pat
     assert json.loads(metrics.read_text())["epochs"] == uninterrupted["epochs"]
 
 
+def test_accuracy_report_on_a_hand_example():
+    # Truth 0,0,0,1; predicted 0,1,2,1: top-1 2/4; class 0 1/3, class 1 1/1, class 2 absent -> mean (1/3 + 1) / 2
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
+    report = accuracy_report(logits, torch.tensor([0, 0, 0, 1]), 3)
+    assert report["accuracy"] == 0.5
+    assert report["mean_class_accuracy"] == pytest.approx(2 / 3)
+    assert report["per_class_accuracy"] == pytest.approx([1 / 3, 1.0, 0.0])
+    assert report["confusion"] == [[1, 1, 1], [0, 1, 0], [0, 0, 0]]
+
+
 def test_eval_reports_accuracy_confusion_and_refuses_other_features(feature_store, tmp_path):
     report = train(config_for(feature_store, tmp_path / "run"), show_progress=False)
     store, manifest = feature_store
-    result = evaluate_run(tmp_path / "run", store, manifest, "tgt", "test")
-    assert result["accuracy"] == pytest.approx(report["final"]["target_acc_selected"])
-    assert np.sum(result["confusion"]) == result["videos"] == 24
-    for suffix in (".json", "-confusion.csv", "-confusion.png"):
-        assert (tmp_path / "run" / f"eval-tgt-test{suffix}").stat().st_size > 0
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--store", str(store), "--manifest",
+                                       str(manifest), "--domain", "tgt", "--split", "test", "--workers", "0"])
+    assert result.exit_code == 0 and "tgt/test: 24 videos, top-1" in result.output, result.output
+    evaluation = json.loads((tmp_path / "run" / "eval-tgt-test.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(report["final"]["target_acc_selected"])
+    assert np.sum(evaluation["confusion"]) == evaluation["videos"] == 24
+    with open(tmp_path / "run" / "eval-tgt-test-confusion.csv", newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    assert header == ["true \\ predicted", "a", "b", "c"] and [row[0] for row in rows] == ["a", "b", "c"]
+    assert [[int(count) for count in row[1:]] for row in rows] == evaluation["confusion"]
+    assert (tmp_path / "run" / "eval-tgt-test-confusion.png").stat().st_size > 0
     other_store, other_manifest = make_feature_store(tmp_path / "other", map_shape=(2, 2, 16))
     with pytest.raises(ValueError, match="holds different features than the run was trained on"):
         evaluate_run(tmp_path / "run", other_store, other_manifest, "tgt", "test")
+    config_path = tmp_path / "run" / "config.yaml"
+    config_path.write_text(config_path.read_text().replace("head: trn", "head: retired"))
+    with pytest.raises(RunError, match="trained with head 'retired', which this vidshift does not register"):
+        evaluate_run(tmp_path / "run", store, manifest, "tgt", "test")
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -167,6 +292,25 @@ def test_existing_run_dir_needs_resume(feature_store, tmp_path):
     train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 1}), show_progress=False)
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 1}), show_progress=False)
-    with pytest.raises(ValueError, match="--resume: config differs"):
+    with pytest.raises(RunMismatch, match="--resume: head_hparams differs"):
         train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 2}), resume=True,
               show_progress=False)
+
+
+def test_resume_may_move_the_store_and_stream_but_refuses_other_features(feature_store, tmp_path):
+    finished = train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 2}), show_progress=False)
+    moved = shutil.copytree(feature_store[0], tmp_path / "moved" / "store")
+    resumed = train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 2}, store=moved,
+                               features="stream", workers=0), resume=True, show_progress=False)
+    assert resumed["epochs"] == finished["epochs"]
+    assert f"store: {moved}" in (tmp_path / "run" / "config.yaml").read_text()  # the latest invocation's paths
+    other_store, _ = make_feature_store(tmp_path / "other", map_shape=(2, 2, 16))  # same videos, other features
+    with pytest.raises(RunMismatch, match="--resume: features_sha256 differs"):
+        train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 2}, store=other_store),
+              resume=True, show_progress=False)
+
+
+def test_memory_budget_without_os_free_memory(monkeypatch):
+    assert memory_budget(torch.device("cpu"), 0.5) == 2**29
+    monkeypatch.delattr(os, "sysconf")  # as on Windows
+    assert memory_budget(torch.device("cpu"), None) == 2 * 2**30
