@@ -79,7 +79,8 @@ OPTIMIZER_HPARAMS: dict[str, HParam] = {
                        "EPIC-100 TA3N baseline (epochs 10 and 20 of 30)"),
     "lr_decay": HParam(0.1, "factor applied at each of lr_steps", "EPIC-100 TA3N baseline"),
     "momentum": HParam(0.9, "SGD momentum", "TA3N §7.3"),
-    "nesterov": HParam(True, "Nesterov momentum", "TA3N code, main.py"),
+    "nesterov": HParam(False, "Nesterov momentum (on in the official TA3N code: its ta3n-official-* presets)",
+                       "TA3N §7.3 (SGD with momentum 0.9)"),
     "weight_decay": HParam(1e-4, "L2 penalty on all parameters", "TA3N §7.3"),
     "clip_grad": HParam(20.0, "max global gradient norm per optimiser; 0 disables", "TA3N code (--gd 20)"),
 }

@@ -269,6 +269,7 @@ class TA3N(TA2N):
     - ``entropy_unit``: the paper's H has no base; we read it in bits, where w = 1 - H spans [0, 1]; the code
       uses nats (w in [0.307, 1]). It applies to every H here, H(ŷ) included.
     - ``video_disc_after_dropout`` (from TA2N).
+    - ``nesterov`` (shared optimiser): §7.3 gives SGD with momentum 0.9; the code's SGD is Nesterov.
     ``entropy_weight_from`` picks the discriminator whose entropy weighs L_ae: the video one, as eq. 9 and the
     code (which takes ``pred_domain_all[1]``, the video level when all three discriminators are on).
     """
@@ -285,7 +286,7 @@ class TA3N(TA2N):
         "entropy_weight_from": HParam("video", "discriminator whose entropy weighs the attentive entropy",
                                       "TA3N eq. 9 (Ĝtd); code main.py (pred_domain_all[1])", choices=LEVELS),
     }
-    _CODE = {"detach_attention": False, "entropy_unit": "nats", "video_disc_after_dropout": True}
+    _CODE = {"detach_attention": False, "entropy_unit": "nats", "video_disc_after_dropout": True, "nesterov": True}
     PRESETS = {   # script_train_val.sh per-direction comments; --beta is (relation, video, frame)
         "ta3n-official-u2h": {**_CODE, "lambda_r": 0.75, "lambda_t": 0.75, "lambda_s": 0.5, "gamma": 0.003},
         "ta3n-official-h2u": {**_CODE, "lambda_r": 1.0, "lambda_t": 0.75, "lambda_s": 0.5, "gamma": 0.3},

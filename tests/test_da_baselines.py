@@ -19,13 +19,7 @@ SMALL = {"frame_dim": 16, "relation_dim": 16, "init_std": 0.0}
 DA_HEADS = ["ta2n", "ta3n", "dann", "jan", "adabn", "mcd"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def small_head(name: str, **extra):
@@ -68,6 +62,25 @@ def test_jmmd_matches_a_direct_numpy_computation():
     got = jmmd([torch.from_numpy(features), torch.from_numpy(probs)], n_source=5)
     assert got.item() == pytest.approx(expected, rel=1e-9)
     assert expected > 0
+
+
+def test_jmmd_stays_finite_when_a_layer_has_identical_rows():
+    """Identical predictions: bandwidth base 0 (NaN in the code); every kernel value is exp(0) = 1 at any bandwidth."""
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(9, 6))
+    uniform = np.full((9, 3), 1 / 3)                                     # e.g. an untrained classifier
+    joint = numpy_multi_kernel(features, 2.0, 5) * 2.0                   # the prediction kernel: 2 Gaussians, all 1
+    s, t = slice(0, 5), slice(5, 9)
+    expected = joint[s, s].mean() + joint[t, t].mean() - 2 * joint[s, t].mean()
+    got = jmmd([torch.from_numpy(features), torch.from_numpy(uniform)], n_source=5)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    # identical float32 rows of size ~1: ‖a‖² + ‖b‖² - 2 a·b uncentred leaves them ~1e-4 apart (JMMD 0.63, not 2.86)
+    rows = (1.0 + torch.rand(1, 256, generator=torch.Generator().manual_seed(0))).expand(9, 256)
+    video = torch.from_numpy(features).float().requires_grad_()
+    value = jmmd([video, rows], n_source=5)
+    value.backward()
+    assert value.item() == pytest.approx(2.0 * jmmd([video], n_source=5, kernels=((2.0, 5),)).item(), rel=1e-5)
+    assert torch.isfinite(video.grad).all()
 
 
 def test_mmd2_is_zero_for_identical_samples_and_matches_the_definition():
@@ -129,30 +142,37 @@ def test_heads_without_per_domain_state_ignore_the_eval_domain():
 # ----------------------------------------------------------------------------------------------- MCD
 
 def test_mcd_three_steps_update_the_parameters_they_should_and_no_others():
-    head = small_head("mcd", generator_steps=2).train()
+    """No weight decay, momentum or dropout: a parameter moves only by its own gradient, and d is deterministic."""
+    plain_sgd = {"weight_decay": 0.0, "momentum": 0.0, "dropout_frame": 0.0, "dropout_video": 0.0}
+    head = small_head("mcd", generator_steps=2, **plain_sgd).train()
     generator = torch.nn.ModuleList([head.frame_mlp, head.temporal])
     classifiers = torch.nn.ModuleList([head.classifier, head.classifier2])
     owned = [{id(p) for group in o.param_groups for p in group["params"]} for o in head.optimizers]
     assert owned == [{id(p) for p in generator.parameters()}, {id(p) for p in classifiers.parameters()}]
     src, tgt = batches()
+
+    def measures() -> tuple[float, float]:
+        """(source loss of F1 + F2, discrepancy d on target)."""
+        with torch.no_grad():
+            return (head.source_loss(head.video_features(src.x), src.y).item(),
+                    head.discrepancy(head.video_features(tgt.x)).item())
+
     steps = {"A": lambda: head.step_a(src, 0.0), "B": lambda: head.step_b(src, tgt, 0.0),
              "C": lambda: head.step_c(tgt, 0.0)}
-    expected = {"A": (True, True), "B": (False, True), "C": (True, False)}   # (generator, classifiers) updated
+    updated = {"A": (True, True), "B": (False, True), "C": (True, False)}     # (generator, classifiers)
     for step, run in steps.items():
         before = snapshot(generator), snapshot(classifiers)
+        loss_before, d_before = measures()
         run()
-        assert (changed(generator, before[0]), changed(classifiers, before[1])) == expected[step], step
-
-
-def test_mcd_step_b_raises_the_classifier_discrepancy_on_target():
-    head = small_head("mcd", lr=0.5, weight_decay=0.0, dropout_video=0.0).train()
-    src, tgt = batches()
-    with torch.no_grad():
-        target = head.video_features(tgt.x)
-    before = head.discrepancy(target).item()
-    for _ in range(5):
-        head.step_b(src, tgt, 0.0)
-    assert head.discrepancy(target).item() > before + 0.05
+        # unchanged means bit-identical: changed() compares with torch.equal
+        assert (changed(generator, before[0]), changed(classifiers, before[1])) == updated[step], step
+        loss_after, d_after = measures()
+        if step == "A":
+            assert loss_after < loss_before
+        elif step == "B":                                  # the classifiers pull apart on target
+            assert d_after > d_before
+        else:                                              # the generator brings the target where they agree
+            assert d_after < d_before
 
 
 # ---------------------------------------------------------------------------------------------- DANN
@@ -173,7 +193,8 @@ def shifted_store(tmp_path_factory):
     return make_feature_store(tmp_path_factory.mktemp("shifted"), target_shift=1.0, per_class=4)
 
 
-@pytest.mark.parametrize("name,temporal", [(name, "relation") for name in DA_HEADS] + [("mcd", "pooling")])
+@pytest.mark.parametrize("name,temporal", [(name, "relation") for name in DA_HEADS]
+                         + [(name, "pooling") for name in DA_HEADS if name != "ta2n"])   # ta2n on pooling is dann
 def test_every_da_head_trains_with_vidshift_train_and_its_checkpoint_evaluates_the_same(
         name, temporal, shifted_store, tmp_path):
     store, manifest = shifted_store

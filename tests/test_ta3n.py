@@ -17,13 +17,7 @@ FEAT_DIM, NUM_CLASSES, NUM_SEGMENTS = 8, 4, 5
 SMALL = {"frame_dim": 16, "relation_dim": 16, "init_std": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def small_head(name: str = "ta3n", **extra):
@@ -112,9 +106,13 @@ def test_dann_schedule_of_the_grl_coefficients():
     assert small_head("ta2n").grl_coefficients(0.1) == pytest.approx({"frame": 0.75, "relation": 0.5, "video": 0.75})
 
 
-def test_each_discriminator_gradient_reaches_the_features_reversed_and_scaled_by_its_lambda():
+@pytest.mark.parametrize("name,temporal,levels", [("ta2n", "relation", {"frame", "relation", "video"}),
+                                                  ("ta2n", "pooling", {"frame", "video"}),
+                                                  ("dann", "relation", {"frame", "video"})])
+def test_each_discriminator_gradient_reaches_the_features_reversed_and_scaled_by_its_lambda(name, temporal, levels):
     lambdas = {"frame": 0.3, "relation": 0.6, "video": 1.7}
-    head = small_head("ta2n", lambda_s=0.3, lambda_r=0.6, lambda_t=1.7).eval()   # eval: no dropout
+    head = small_head(name, temporal=temporal, lambda_s=0.3, lambda_r=0.6, lambda_t=1.7).eval()  # eval: no dropout
+    assert set(head.discriminators) == levels
     x, n_source = videos(6, seed=6), 3
     is_target = torch.tensor([0, 0, 0, 1, 1, 1])
     feature_extractor = head.frame_mlp[0].weight                 # G_sf: every discriminator's gradient reaches it
@@ -122,18 +120,19 @@ def test_each_discriminator_gradient_reaches_the_features_reversed_and_scaled_by
     def plain_domain_loss(level: str) -> torch.Tensor:
         """The same domain loss with the discriminator's MLP applied to the features directly (no GRL)."""
         frames = head.frame_mlp(x)
-        relations = head.temporal.relations(frames)
         if level == "frame":
             logits, labels = head.discriminators["frame"].classifier(frames), is_target[:, None].expand(6, 5)
         elif level == "relation":
+            relations = head.temporal.relations(frames)
             logits = torch.stack([d.classifier(relations[:, i]) for i, d in enumerate(head.discriminators["relation"])],
                                  dim=1)
             labels = is_target[:, None].expand(6, 4)
         else:
-            logits, labels = head.discriminators["video"].classifier(relations.sum(dim=1)), is_target
+            logits, labels = head.discriminators["video"].classifier(head.temporal(frames)), is_target
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten())
 
-    for level, lam in lambdas.items():
+    for level in head.discriminators:
+        lam = lambdas[level]
         discriminator = head.discriminators[level]
         head.zero_grad()
         plain_domain_loss(level).backward()
@@ -169,13 +168,14 @@ def test_video_discriminator_sees_h_unless_told_to_see_the_dropped_out_feature()
 
 def test_official_presets_switch_every_option_to_the_code():
     u2h, h2u = preset(TA3N, "ta3n-official-u2h"), preset(TA3N, "ta3n-official-h2u")
-    code = {"detach_attention": False, "entropy_unit": "nats", "video_disc_after_dropout": True}
+    code = {"detach_attention": False, "entropy_unit": "nats", "video_disc_after_dropout": True, "nesterov": True}
     assert u2h == {**code, "lambda_s": 0.5, "lambda_r": 0.75, "lambda_t": 0.75, "gamma": 0.003}
     assert h2u == {**code, "lambda_s": 0.5, "lambda_r": 1.0, "lambda_t": 0.75, "gamma": 0.3}
     paper = small_head().hparams
     assert (paper["lambda_s"], paper["lambda_r"], paper["lambda_t"], paper["gamma"]) == (0.75, 0.5, 0.75, 0.3)
-    options = (paper["detach_attention"], paper["entropy_unit"], paper["video_disc_after_dropout"])
-    assert options == (True, "bits", False)
+    options = (paper["detach_attention"], paper["entropy_unit"], paper["video_disc_after_dropout"], paper["nesterov"])
+    assert options == (True, "bits", False, False)                     # §7.3: plain momentum SGD
+    assert small_head(**u2h).optimizer.defaults["nesterov"] and not small_head().optimizer.defaults["nesterov"]
 
 
 def test_ta3n_refuses_to_attend_without_the_discriminator_it_reads():
