@@ -1,40 +1,15 @@
-"""STDN, the Spatial-Temporal Diversification Network (Lin et al., NeurIPS 2022), on cached layer4 maps,
-and the ablation variants of its Table 3. STDN is a video domain *generalisation* method: source labels only.
+"""STDN, the Spatial-Temporal Diversification Network (Lin et al., NeurIPS 2022), on cached maps [B, N, H, W, C],
+and the ablation variants of its Table 3. A domain *generalisation* method: source labels only.
 
-For a video's maps x [B, N, H, W, C] (ResNet-50 layer4: 7x7x2048):
+Where the equations live:
+- MixStyle (§4.1, video variant): ``heads/mixstyle.py``.
+- SGM (§3.3): eq. 1 ``assign_to_anchors``; eq. 2 ``group_weights`` and ``SpatialGrouping``; eq. 3-4
+  ``grouping_losses``.
+- STRM (§3.4): eq. 5 ``SpatialRelations``; G and the frame feature ``FrameEncoder``; eq. 6 ``TemporalRelations``;
+  eq. 7 ``relation_labels`` and ``STDN.update``; H^a_m ``SqueezeExcite``; eq. 8 ``STDN.update``.
+- §4.2 diagnostics: Fig. 4 ``scale_nmse``; Fig. 5 ``davies_bouldin`` and ``kmeans``.
 
-1. MixStyle (§4.1, video variant): each video's per-channel mean and std over time and space are mixed with
-   another video's (Beta(0.1, 0.1), with probability 0.5 per batch).
-2. Spatial Grouping Module (SGM, §3.3), per frame: K anchors, each a softmax-weighted sum of the HW positions
-   (weights from Conv3x3 C->256, ReLU, Conv3x3 256->K); soft assignment of the positions to the anchors
-   (eq. 1); group features, the normalised weighted sums (eq. 2); entropy losses L_emin (eq. 3), L_emax (eq. 4).
-3. Spatial-Temporal Relation Module (STRM, §3.4): spatial relations R^s_l for l = 2..K over tuples of distinct
-   groups (eq. 5, Ds = 192) plus a global conv G over the map give the frame feature [K·Ds]; temporal relations
-   R^t_m for m = 2..N over time-ordered frame tuples (eq. 6, Dt = 256); the relation discrimination loss over
-   (N-1)·C classes (eq. 7); an SE block per scale, their sum, a linear classifier. Total loss: eq. 8.
-
-Deviations from the paper:
-- The backbone is frozen (features come from a cache), so MixStyle can only re-style the cached layer4 maps;
-  the paper mixes inside the backbone (after layers 1-3), which is left to the end-to-end mode.
-- Tuples: training draws ``spatial_tuples`` / ``temporal_tuples`` tuples per scale at random (the paper samples
-  them; the counts are the official code's); evaluation averages over *every* tuple, the expectation of the
-  training draw, so that evaluation is repeatable. ``eval_tuples=random`` re-draws at evaluation (official code).
-- H^t_m is the official ReLU -> Dropout(0.3) -> Linear -> ReLU; the paper only says "a linear projection".
-- Eq. 2 adds 1e-6 to its denominator (as the official code), so a group that no position joins is 0, not 0/0.
-- Which parts the "+SGM", "+TRM", "+STRM" rows of Table 3 keep is not spelled out; see ``COMPONENTS``.
-
-Deviations from the official code (``KunyuLin/STDN``, ``ops/STDNmodule.py``, ``main.py``):
-- One SGM, spatial-relation module and global conv serve all temporal scales; the code builds one copy per
-  scale (about 113M parameters at 7x7x2048): ``spatial_modules=per_scale``.
-- The entropies use the row-stochastic assignment of eq. 1 (the paper); the code computes them on an assignment
-  column-normalised with a detached normaliser, which makes L_emax's value constant: ``grouping_variant=official``.
-- Tuple outputs are averaged (the paper's expectation); the code sums its 3 temporal tuples and multiplies the
-  single N-frame tuple by 3, the same up to a factor 3. Scales run 2..N, so relation labels use m-2 as in eq. 7
-  (the code counts from scale N: a relabelling). The code's per-scale logits of a shared classifier are summed,
-  which is the paper's classifier on the summed feature up to a bias scaled by N-1.
-- The relation classifier shares the optimiser and gradient clipping; TSN's lr/decay multipliers (biases 2x lr,
-  no decay) are not reproduced. The global conv's kernel is the map size (the code hard-codes 7).
-The lambdas and MixStyle pairing of the official script are the preset ``official``.
+Defaults, the ``official`` preset and every deviation from the paper and the official code: docs/heads_stdn.md.
 """
 from __future__ import annotations
 
@@ -48,52 +23,11 @@ from torch import Tensor, nn
 from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, Head, HeadError, HParam, LabelledBatch,
                         UnlabelledBatch, register)
 from heads.common import entropy, mlp, ordered_tuples
+from heads.mixstyle import VideoMixStyle
 
 GROUP_EPS = 1e-6         # eq. 2's denominator (official code: ``ws_sum + 1e-6``)
 OFFICIAL_LOG_EPS = 1e-5  # the official code's entropy: -sum p log(p + 1e-5)
-
-# ----------------------------------------------------------------------------------------------------------
-# MixStyle for cached maps (§4.1)
-
-
-def mix_video_styles(x: Tensor, lam: Tensor, partner: Tensor, eps: float = 1e-6) -> Tensor:
-    """Re-style each video of maps [B, N, H, W, C] with its style mixed with ``partner``'s: [B, N, H, W, C].
-
-    A video's style is the mean and std of each channel over time and space (the video variant of §4.1; official
-    code: statistics over (T, H, W), unbiased variance, detached as in MixStyle). Video b is normalised with its
-    own style and re-scaled with ``lam[b] * style[b] + (1 - lam[b]) * style[partner[b]]``.
-    """
-    mu = x.mean(dim=(1, 2, 3), keepdim=True).detach()
-    sigma = (x.var(dim=(1, 2, 3), keepdim=True) + eps).sqrt().detach()
-    lam = lam.view(-1, 1, 1, 1, 1)
-    mu_mix = lam * mu + (1 - lam) * mu[partner]
-    sigma_mix = lam * sigma + (1 - lam) * sigma[partner]
-    return (x - mu) / sigma * sigma_mix + mu_mix
-
-
-def crosshalf_partners(batch_size: int) -> Tensor:
-    """The official pairing (MixStyle's "crossdomain"): the first half of the batch mixes with the second.
-
-    The reversed order is cut in two and each half shuffled, so video b's partner always lies in the other half.
-    """
-    first, second = torch.arange(batch_size - 1, -1, -1).chunk(2)
-    return torch.cat([first[torch.randperm(len(first))], second[torch.randperm(len(second))]])
-
-
-class VideoMixStyle(nn.Module):
-    """MixStyle on maps [B, N, H, W, C], in training only, applied to a whole batch with probability ``p``."""
-
-    def __init__(self, p: float, alpha: float, pairing: str):
-        super().__init__()
-        self.p, self.alpha, self.pairing = p, alpha, pairing
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or len(x) < 2 or torch.rand(()).item() >= self.p:
-            return x
-        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((len(x),))
-        partner = crosshalf_partners(len(x)) if self.pairing == "crosshalf" else torch.randperm(len(x))
-        return mix_video_styles(x, lam.to(x), partner.to(x.device))
-
+KMEANS_ITERATIONS = 10   # Lloyd steps of Fig. 5's reference clustering (the paper does not say)
 
 # ----------------------------------------------------------------------------------------------------------
 # Spatial Grouping Module (§3.3)
@@ -288,7 +222,8 @@ def davies_bouldin(points: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
 
     S_k is the mean distance of cluster k's points to their centroid, M_kj the distance between centroids,
     DB = mean over clusters of max_{j != k} (S_k + S_j) / M_kj, over non-empty clusters; lower is better
-    separated. NaN for a set with fewer than two non-empty clusters.
+    separated. Two clusters with the same centroid (M_kj = 0) give their pair 0, as scikit-learn does (it sets
+    M_kj = inf). NaN for a set with fewer than two non-empty clusters.
     """
     members = F.one_hot(labels, num_clusters).to(points.dtype)                       # [..., P, K]
     counts = members.sum(dim=-2)                                                      # [..., K]
@@ -299,10 +234,29 @@ def davies_bouldin(points: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
     present = counts > 0
     pairs = present[..., :, None] & present[..., None, :] & ~torch.eye(num_clusters, dtype=torch.bool,
                                                                        device=points.device)
-    ratio = ((spread[..., :, None] + spread[..., None, :]) / separation).masked_fill(~pairs, -torch.inf)
-    worst = ratio.amax(dim=-1).masked_fill(~present, 0.0)                             # [..., K]
+    ratio = torch.where(separation > 0, (spread[..., :, None] + spread[..., None, :]) / separation, 0.0)
+    worst = ratio.masked_fill(~pairs, -torch.inf).amax(dim=-1).masked_fill(~present, 0.0)   # [..., K]
     clusters = present.sum(dim=-1)
     return torch.where(clusters >= 2, worst.sum(dim=-1) / clusters.clamp(min=1), torch.nan)
+
+
+def kmeans(points: Tensor, num_clusters: int, iterations: int = KMEANS_ITERATIONS, seed: int = 0) -> Tensor:
+    """Lloyd's K-means of each set, as Fig. 5 clusters spatial features: points [F, P, D] -> labels [F, P].
+
+    Starts from ``num_clusters`` distinct points of each set, drawn with a generator seeded by ``seed`` (so it is
+    repeatable), then ``iterations`` times assigns each point to its nearest centroid and moves each centroid to
+    its members' mean (a cluster left empty keeps its centroid).
+    """
+    if points.shape[1] < num_clusters:
+        raise ValueError(f"kmeans needs at least {num_clusters} points per set, got {points.shape[1]}")
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.rand(points.shape[:2], generator=generator).argsort(dim=1)[:, :num_clusters]       # [F, K]
+    centroids = points.gather(1, start.to(points.device)[..., None].expand(-1, -1, points.shape[2]))
+    for _ in range(iterations):
+        members = F.one_hot(torch.cdist(points, centroids).argmin(dim=-1), num_clusters).to(points.dtype)
+        counts = members.sum(dim=1)[..., None]                                                    # [F, K, 1]
+        centroids = torch.where(counts > 0, members.transpose(1, 2) @ points / counts.clamp(min=1), centroids)
+    return torch.cdist(points, centroids).argmin(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,18 +442,22 @@ class STDN(Head):
         """§4.2's measures on a batch of maps (call in eval mode for repeatable values).
 
         ``relation_nmse`` (Fig. 4, with temporal relations): :func:`scale_nmse` of z̃, averaged over videos.
-        ``group_db_index`` (Fig. 5, with grouping): Davies-Bouldin index of each frame's HW cached position
-        features, clustered by their most likely SGM group, averaged over frames with at least two non-empty
-        groups (NaN if none); ``groups_used``: non-empty groups per frame. The cached positions are fixed, so
-        these measure how the SGM partitions them, not (as in the paper) how a fine-tuned backbone moves them.
+        ``kmeans_db_index`` (Fig. 5's reference, every variant): Davies-Bouldin index of each frame's HW cached
+        position features clustered into K groups by :func:`kmeans`, averaged over frames.
+        ``group_db_index`` (Fig. 5, with grouping): the same positions clustered by their most likely SGM group,
+        averaged over frames with at least two non-empty groups (NaN if none); ``groups_used``: non-empty groups
+        per frame. The cached positions are fixed, so the K-means index is a property of the cache (the same for
+        every head) and the SGM's index says how it partitions those positions, not (as in the paper) how a
+        fine-tuned backbone moves them.
         """
         encoding = self.encode(x)
         results = {}
         if encoding.relations is not None:
             results["relation_nmse"] = scale_nmse(encoding.relations).mean().item()
+        positions = x.flatten(0, 1).flatten(1, 2)                                           # [B·N, HW, C]
+        k = self.hparams["num_groups"]
+        results["kmeans_db_index"] = davies_bouldin(positions, kmeans(positions, k), k).nanmean().item()
         if encoding.log_assignments:
-            positions = x.flatten(0, 1).flatten(1, 2)                                       # [B·N, HW, C]
-            k = self.hparams["num_groups"]
             labels = [log_assign.argmax(dim=-1) for log_assign in encoding.log_assignments]
             index = torch.cat([davies_bouldin(positions, label, k) for label in labels])
             results["group_db_index"] = index.nanmean().item()
@@ -536,12 +494,14 @@ class STDNRelations(STDN):
 class STDNTemporalRelations(STDN):
     """Table 3 '+TRM': SGM, then temporal relations with L_rel over the K group features side by side.
 
-    Fig. 4's "TRM" without the SGM is ``grouping=false``; "TRM w/o L_rel" is also ``lambda_rel=0``.
+    Table 3 read cumulatively keeps the SGM; preset ``no-sgm`` drops it (temporal relations on the spatially
+    pooled maps: Fig. 4's "TRM"); "TRM w/o L_rel" is also ``lambda_rel=0``.
     """
 
     name = "stdn-trm"
     summary = "STDN ablation (Table 3 '+TRM'): SGM + temporal relations with L_rel (no spatial relations); DG"
     HPARAMS = with_components("grouping", "temporal_relations")
+    PRESETS = {**STDN.PRESETS, "no-sgm": {"grouping": False}}
 
 
 @register

@@ -14,7 +14,8 @@
    above it when there is nothing to find) and balanced accuracy (0.5 at chance). Higher loss and accuracy
    nearer 0.5: closer domains. TA3N's Table 9 reports the domain loss of its own discriminators; a post-hoc
    discriminator compares heads with and without discriminators on equal terms.
-3. ``head``: per domain, the head's own measures averaged over videos, when it has ``diagnostics(x) -> dict``.
+3. ``head_measures``: per domain, the head's own measures averaged over videos (over the batches where each is
+   defined, i.e. not NaN), when it has ``diagnostics(x) -> dict``.
 """
 from __future__ import annotations
 
@@ -85,17 +86,33 @@ def post_hoc_discriminator(source: Tensor, target: Tensor, seed: int = 0) -> dic
             "chance_loss": math.log(2.0), "train_videos": len(y_train), "held_out_videos": len(y_test)}
 
 
+def mean_over_videos(batches: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Each measure's mean over videos, from ``(videos, measures)`` per batch, weighting each batch by its videos.
+
+    A batch where a measure is NaN (undefined there, e.g. a Davies-Bouldin index without two clusters) is left
+    out of that measure's mean; a measure that is NaN in every batch stays NaN.
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for videos, measures in batches:
+        for name, value in measures.items():
+            defined = not math.isnan(value)
+            sums[name] = sums.get(name, 0.0) + (value * videos if defined else 0.0)
+            counts[name] = counts.get(name, 0) + (videos if defined else 0)
+    return {name: sums[name] / counts[name] if counts[name] else math.nan for name in sums}
+
+
 @torch.no_grad()
 def video_features(head: nn.Module, features: FeatureSet, num_segments: int, workers: int,
                    device: torch.device) -> tuple[Tensor, dict[str, float]]:
     """Video features [V, D] at segment centres, and the head's ``diagnostics`` averaged over the V videos."""
     head.eval()
-    rows, sums = [], {}
+    rows, measures = [], []
     for _, x in iterate(features, features.eval_plans(num_segments, EVAL_BATCH), workers, device):
         rows.append(head.video_features(x).float().cpu())
-        for name, value in (head.diagnostics(x) if hasattr(head, "diagnostics") else {}).items():
-            sums[name] = sums.get(name, 0.0) + value * len(x)
-    return torch.cat(rows), {name: total / len(features) for name, total in sums.items()}
+        if hasattr(head, "diagnostics"):
+            measures.append((len(x), head.diagnostics(x)))
+    return torch.cat(rows), mean_over_videos(measures)
 
 
 def diagnose_run(run_dir: Path, store_path: Path, manifest: Path, source: str | None = None,

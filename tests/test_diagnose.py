@@ -13,13 +13,7 @@ from pipelines.diagnose import diagnose, diagnose_run, median_heuristic_mmd2, po
 from pipelines.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def test_median_heuristic_mmd_matches_a_direct_numpy_computation():

@@ -1,17 +1,17 @@
-"""STDN on cached maps: eq. 1-8 on hand examples, tuples, MixStyle, diagnostics, the Table 3 variants, training."""
+"""STDN on cached maps: eq. 1-8 on hand examples, tuples, diagnostics, the Table 3 variants, training."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_feature_store
 from heads import HeadError, LabelledBatch, available, build
-from heads.stdn import (COMPONENTS, SpatialRelations, TemporalRelations, VideoMixStyle, assign_to_anchors,
-                        crosshalf_partners, davies_bouldin, group_weights, grouping_losses, mix_video_styles,
-                        pick_tuples, relation_labels, scale_nmse)
+from heads.stdn import (COMPONENTS, SpatialGrouping, SpatialRelations, SqueezeExcite, TemporalRelations,
+                        assign_to_anchors, davies_bouldin, group_weights, grouping_losses, kmeans, pick_tuples,
+                        relation_labels, scale_nmse)
+from pipelines.diagnose import diagnose_run, mean_over_videos
 
 VARIANTS = ["tsn-maps", "stdn-sgm", "stdn-trm", "stdn-strm", "stdn-mixstyle", "stdn"]
 MAP_SHAPE, NUM_SEGMENTS = (3, 3, 16), 3
@@ -19,13 +19,7 @@ SMALL = {"anchor_hidden": 16, "spatial_dim": 16, "temporal_dim": 32, "se_hidden"
          "num_groups": 3, "lr": 0.05, "lr_schedule": "constant"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def stdn(name: str = "stdn", num_classes: int = 3, **extra):
@@ -90,6 +84,30 @@ def test_eq2_group_features_are_the_normalised_weighted_sums():
     assert groups.flatten().tolist() == pytest.approx([2.5 / 1.5, 6.5 / 1.5], rel=1e-5)
     empty = group_weights(torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))      # nobody joins group 1: weights 0, not NaN
     assert empty[0, :, 1].tolist() == [0.0, 0.0]
+
+
+def test_sgm_anchors_are_softmax_weighted_positions_and_groups_follow_eq1_and_eq2():
+    grouping = SpatialGrouping(channels=2, num_groups=2, hidden=2, tau=0.5, variant="paper")
+    first, second = grouping.anchor_weights[0], grouping.anchor_weights[2]
+    with torch.no_grad():                      # the anchor network reads logit_k(z_i) = w_k . z_i at each position
+        for conv in (first, second):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        first.weight[[0, 1], [0, 1], 1, 1] = 1.0                         # centre tap: identity (z >= 0, ReLU keeps it)
+        second.weight[0, 0, 1, 1] = math.log(3) / 2                      # w_0 = (ln 3 / 2, 0); w_1 = 0
+    maps = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])[None, :, None, :]   # [1, C=2, 1, 3]
+    z = [(2.0, 0.0), (0.0, 2.0), (0.0, 0.0)]
+    # anchor 0: softmax(ln 3, 0, 0) = (3/5, 1/5, 1/5) -> (6/5, 2/5); anchor 1: uniform -> (2/3, 2/3)
+    anchors = [(6 / 5, 2 / 5), (2 / 3, 2 / 3)]
+    p = []
+    for point in z:                                                      # eq. 1: softmax_k(-||z_i - a_k|| / tau)
+        scores = [math.exp(-math.dist(point, a) / 0.5) for a in anchors]
+        p.append([score / sum(scores) for score in scores])
+    expected = [[sum(p[i][k] * z[i][c] for i in range(3)) / (sum(p[i][k] for i in range(3)) + 1e-6)
+                 for c in range(2)] for k in range(2)]                   # eq. 2
+    groups, log_assign = grouping(maps)
+    assert log_assign.exp()[0].tolist() == [pytest.approx(row, rel=1e-5) for row in p]
+    assert groups[0].tolist() == [pytest.approx(row, rel=1e-5) for row in expected]
 
 
 def test_eq3_and_eq4_on_a_hand_example():
@@ -170,36 +188,51 @@ def test_spatial_relation_is_the_mean_of_the_linear_map_over_the_drawn_tuples():
     assert torch.allclose(fast, torch.cat(explicit, dim=1), atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------- MixStyle
+def test_eq6_temporal_relations_on_a_hand_example():
+    temporal = TemporalRelations(num_segments=3, frame_dim=1, dim=1, num_tuples=3, dropout=0.0)
+    with torch.no_grad():                                   # H^t_m = ReLU -> Linear -> ReLU, one unit per scale
+        temporal.blocks[0][2].weight.copy_(torch.tensor([[2.0, 1.0]]))
+        temporal.blocks[0][2].bias.zero_()
+        temporal.blocks[1][2].weight.copy_(torch.tensor([[1.0, 1.0, 1.0]]))
+        temporal.blocks[1][2].bias.fill_(-2.0)
+    frames = torch.tensor([[[1.0], [-2.0], [4.0]]])                     # ReLU first: (1, 0, 4)
+    relations = temporal([frames, frames], draw=False)
+    # m = 2 over (0,1), (0,2), (1,2): 2*1 + 0, 2*1 + 4, 2*0 + 4 -> mean 4; m = 3 over (0,1,2): 1 + 0 + 4 - 2 = 3
+    assert relations.tolist() == [[[4.0], [3.0]]]
 
-def test_mixstyle_mixes_each_videos_channel_statistics_with_its_partner():
+
+def test_eq6_is_the_mean_of_the_block_over_the_drawn_time_ordered_tuples():
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 2, 2, 5) * (0.5 + 4 * torch.rand(4, 1, 1, 1, 5)) + 3 * torch.randn(4, 1, 1, 1, 5)
-    lam, partner = torch.tensor([0.2, 1.0, 0.5, 0.0]), torch.tensor([3, 2, 1, 0])
-    mixed = mix_video_styles(x, lam, partner)
-    assert mixed.shape == x.shape
-    mu, sigma = x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))                 # [B, C], over time and space
-    expected_mu = lam[:, None] * mu + (1 - lam[:, None]) * mu[partner]
-    expected_sigma = lam[:, None] * sigma + (1 - lam[:, None]) * sigma[partner]
-    assert torch.allclose(mixed.mean(dim=(1, 2, 3)), expected_mu, atol=1e-5)
-    assert torch.allclose(mixed.std(dim=(1, 2, 3)), expected_sigma, atol=1e-4)
-    assert torch.allclose(mixed[1], x[1], atol=1e-5)                         # lam = 1 keeps the video's own style
+    temporal = TemporalRelations(num_segments=5, frame_dim=3, dim=4, num_tuples=3, dropout=0.0)
+    frames = [torch.randn(2, 5, 3) for _ in temporal.scales]
+    torch.manual_seed(1)
+    fast = temporal(frames, draw=True)
+    torch.manual_seed(1)                   # the same draws, one concatenated tuple at a time
+    explicit = []
+    for size, block, scale_frames in zip(temporal.scales, temporal.blocks, frames):
+        tuples = pick_tuples(temporal.tuples[size], 3, True, scale_frames.device)
+        explicit.append(torch.stack([block(scale_frames[:, t].flatten(1)) for t in tuples]).mean(dim=0))
+    assert torch.allclose(fast, torch.stack(explicit, dim=1), atol=1e-6)
 
 
-def test_mixstyle_is_the_identity_in_eval_and_with_p_zero_and_mixes_in_training():
-    x = torch.rand(6, 3, 2, 2, 4)
-    assert VideoMixStyle(1.0, 0.1, "random").eval()(x) is x
-    assert VideoMixStyle(0.0, 0.1, "random").train()(x) is x
-    torch.manual_seed(0)
-    mixed = VideoMixStyle(1.0, 0.1, "crosshalf").train()(x)
-    assert mixed.shape == x.shape and not torch.allclose(mixed, x, atol=1e-3)
+def test_squeeze_excite_on_a_hand_example():
+    se = SqueezeExcite(dim=2, hidden=1)
+    with torch.no_grad():
+        se.gate[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        se.gate[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    # g = (1, 2): W1 g = 3, ReLU 3, W2 -> (3, -3); g * sigmoid(.) = (sigmoid(3), 2 sigmoid(-3))
+    assert se(torch.tensor([[1.0, 2.0]]))[0].tolist() == pytest.approx([sigmoid(3), 2 * sigmoid(-3)], rel=1e-6)
 
 
-def test_crosshalf_partners_pair_the_two_halves():
-    torch.manual_seed(0)
-    partners = crosshalf_partners(8).tolist()
-    assert sorted(partners) == list(range(8))
-    assert set(partners[:4]) == {4, 5, 6, 7} and set(partners[4:]) == {0, 1, 2, 3}
+def test_frame_feature_is_k_minus_1_spatial_relations_and_g_of_width_k_times_ds():
+    head = build("stdn", (7, 7, 8), 3, NUM_SEGMENTS, {"anchor_hidden": 4})         # K = 4, Ds = 192 (defaults)
+    encoder = head.frame_encoders[0]
+    maps = torch.rand(2, 8, 7, 7)
+    features, _ = encoder(maps, draw=False)
+    assert encoder.dim == 4 * 192 == 768 and features.shape == (2, 768)
+    assert encoder.global_conv(maps).shape == (2, 192, 1, 1)                   # G: a conv over the whole 7x7 map
+    assert torch.equal(features[:, 576:], encoder.global_conv(maps).flatten(1))   # [R^s_2, R^s_3, R^s_4, G]
 
 
 # ---------------------------------------------------------------------------------------- diagnostics
@@ -214,6 +247,34 @@ def test_davies_bouldin_matches_a_hand_computation():
     assert batched[0].item() == pytest.approx(expected, rel=1e-6) and math.isnan(batched[1].item())
 
 
+def test_davies_bouldin_gives_a_pair_with_the_same_centroid_zero_as_scikit_learn():
+    points = torch.tensor([[-1.0], [1.0], [0.0], [0.0], [10.0], [12.0]])   # A = {-1, 1}, B = {0, 0}, C = {10, 12}
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    # S = (1, 0, 1); M_AB = 0 -> R_AB = 0 (scikit-learn: M = inf); R_AC = 2/11, R_BC = 1/11
+    assert davies_bouldin(points, labels, 3).item() == pytest.approx((2 / 11 + 1 / 11 + 2 / 11) / 3, rel=1e-6)
+    identical = davies_bouldin(torch.zeros(4, 2), torch.tensor([0, 0, 1, 1]), 2)    # scikit-learn: 0.0
+    assert identical.item() == 0.0
+
+
+def test_kmeans_finds_separated_clusters_repeatably():
+    points = torch.tensor([[[0.0], [10.0], [1.0], [11.0]], [[5.0], [5.0], [-5.0], [-4.0]]])   # two frames
+    labels = kmeans(points, 2)
+    for frame, (a, b) in zip(labels.tolist(), ([0, 2], [0, 1])):
+        assert frame[a] == frame[b] and len(set(frame)) == 2
+    assert torch.equal(kmeans(points, 2), labels)
+    # frame 0: S = (0.5, 0.5), M = 10 -> 0.1; frame 1: S = (0, 0.5), M = 9.5 -> 0.5 / 9.5
+    assert davies_bouldin(points, labels, 2).tolist() == pytest.approx([0.1, 0.5 / 9.5], rel=1e-6)
+
+
+def test_diagnose_averages_each_measure_over_the_batches_where_it_is_defined():
+    batches = [(2, {"group_db_index": 1.0, "groups_used": 2.0}), (3, {"group_db_index": math.nan, "groups_used": 1.0}),
+               (1, {"group_db_index": 4.0, "groups_used": 3.0})]
+    means = mean_over_videos(batches)
+    assert means["group_db_index"] == pytest.approx((2 * 1.0 + 4.0) / 3)
+    assert means["groups_used"] == pytest.approx((4.0 + 3.0 + 3.0) / 6)
+    assert math.isnan(mean_over_videos([(2, {"group_db_index": math.nan})])["group_db_index"])
+
+
 def test_scale_nmse_is_zero_for_parallel_and_two_for_orthogonal_features():
     relations = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[1.0, 0.0], [0.0, 2.0]]])
     assert scale_nmse(relations).tolist() == pytest.approx([0.0, 2.0])
@@ -222,8 +283,9 @@ def test_scale_nmse_is_zero_for_parallel_and_two_for_orthogonal_features():
 def test_diagnostics_and_video_features_of_each_variant():
     torch.manual_seed(0)
     x, _ = moving_blob_videos(6, seed=0)
-    for name, keys in (("stdn", {"relation_nmse", "group_db_index", "groups_used"}),
-                       ("stdn-sgm", {"group_db_index", "groups_used"}), ("tsn-maps", set())):
+    for name, keys in (("stdn", {"relation_nmse", "kmeans_db_index", "group_db_index", "groups_used"}),
+                       ("stdn-sgm", {"kmeans_db_index", "group_db_index", "groups_used"}),
+                       ("tsn-maps", {"kmeans_db_index"})):
         head = stdn(name).eval()
         results = head.diagnostics(x)
         assert set(results) == keys and all(math.isfinite(v) for v in results.values())
@@ -324,6 +386,15 @@ def test_official_preset_trains_with_per_scale_copies():
     assert all(math.isfinite(v) for v in logs)
 
 
+def test_trm_no_sgm_preset_is_the_issues_trm_and_trains():
+    torch.manual_seed(0)
+    head = stdn("stdn-trm", **available()["stdn-trm"].PRESETS["no-sgm"])
+    assert head.frame_encoders[0].grouping is None and head.frame_encoders[0].dim == MAP_SHAPE[2]
+    logs = head.train().update(LabelledBatch(*moving_blob_videos(8, seed=0)), None, 0.0)
+    assert {"cls", "relation"} <= set(logs) and "entropy_min" not in logs
+    assert math.isfinite(logs["loss"])
+
+
 @pytest.mark.parametrize("name", ["stdn", "tsn-maps"])
 def test_trains_with_setting_dg_from_a_maps_store(tmp_path, name):
     from pipelines.train import TrainConfig, train as run_training
@@ -337,3 +408,6 @@ def test_trains_with_setting_dg_from_a_maps_store(tmp_path, name):
     assert final["epochs_run"] == 3 and 0.0 <= final["target_acc_selected"] <= 1.0
     assert report["epochs"][-1]["loss"] < report["epochs"][0]["loss"]
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["head"]
+    measures = diagnose_run(tmp_path / "run", store, manifest, workers=0)["head_measures"]["target"]
+    assert math.isfinite(measures["kmeans_db_index"])                   # Fig. 5's reference, for the baseline too
+    assert ("group_db_index" in measures) == (name == "stdn")
