@@ -115,10 +115,11 @@ class FolderIndex:
         return sorted(set(self.by_stem.values()))
 
 
-def require_every_class(entries: list[VideoEntry], domain: str, labels: dict[str, str], where: Path) -> None:
+def require_every_class(entries: list[VideoEntry], domain: str, labels: dict[str, str], where: Path,
+                        hint: str = "") -> None:
     """Fail clearly when a class has no video at all in ``domain``: the copy lacks it or uses another layout.
 
-    ``labels`` maps source class -> shared label.
+    ``labels`` maps source class -> shared label; ``hint`` ends the message (what else may be wrong).
     """
     present = {entry.label for entry in entries if entry.domain == domain}
     for label in dict.fromkeys(labels.values()):
@@ -126,7 +127,7 @@ def require_every_class(entries: list[VideoEntry], domain: str, labels: dict[str
             sources = [source for source, shared in labels.items() if shared == label]
             raise ValueError(f"{domain}: no video of class {label!r} (source class {', '.join(sources)}) was found "
                              f"under {where}; the copy lacks it, or its videos are not in {where}/<source class>/ "
-                             f"as video files or frame folders")
+                             f"as video files or frame folders{hint}")
 
 
 # ---- splits -----------------------------------------------------------------------------------------------
@@ -151,20 +152,25 @@ def seeded_split(keys: list[str], fractions: dict[str, float], seed: str) -> dic
 
 
 def assign_dg_splits(entries: list[VideoEntry], source: str, val_fraction: float, seed: int,
-                     group: Callable[[VideoEntry], str] = lambda entry: entry.label) -> list[VideoEntry]:
-    """Domain generalization: the source domain split train/val within each group, every other domain test."""
+                     group: Callable[[VideoEntry], str] = lambda entry: entry.label,
+                     unit: Callable[[VideoEntry], str] = lambda entry: entry.video_id) -> list[VideoEntry]:
+    """Domain generalization: the source domain split train/val within each group, every other domain test.
+
+    ``unit`` is what is split: each video by default; the recording, so that the segments of one recording
+    all land in the same split.
+    """
     domains = sorted({entry.domain for entry in entries})
     if source not in domains:
         raise ValueError(f"source domain {source!r} has no videos; the domains found are {', '.join(domains)}")
-    groups: dict[str, list[VideoEntry]] = {}
+    groups: dict[str, set[str]] = {}
     for entry in entries:
         if entry.domain == source:
-            groups.setdefault(group(entry), []).append(entry)
+            groups.setdefault(group(entry), set()).add(unit(entry))
     splits = {}
     for name, members in groups.items():
-        splits.update(seeded_split([entry.video_id for entry in members],
-                                   {"train": 1 - val_fraction, "val": val_fraction}, f"{seed}/{source}/{name}"))
-    return [replace(entry, split=splits.get(entry.video_id, "test")) for entry in entries]
+        splits.update(seeded_split(list(members), {"train": 1 - val_fraction, "val": val_fraction},
+                                   f"{seed}/{source}/{name}"))
+    return [replace(entry, split=splits[unit(entry)] if entry.domain == source else "test") for entry in entries]
 
 
 # ---- output ------------------------------------------------------------------------------------------------
@@ -205,7 +211,8 @@ def count_report(build: Build) -> str:
     found = Counter((entry.domain, entry.split) for entry in build.entries)
     for (domain, _), count in list(found.items()):
         found[(domain, "*")] += count
-    expected = expected_counts(build.benchmark)
+    built = {entry.domain for entry in build.entries}  # e.g. --domain D1: the other domains were not asked for
+    expected = {key: value for key, value in expected_counts(build.benchmark).items() if key[0] in built}
     order = SPLITS + ("*",)
     keys = sorted({key for key in found if key[1] != "*"} | set(expected),
                   key=lambda key: (key[0], order.index(key[1])))

@@ -5,7 +5,8 @@ into train/val within each action (APN §5.1, seeded); the other views are the t
   Replication, Action); domains ``C001``, ``C002``, ``C003``; labels ``A001`` ... (the action id).
 - PKU-MMD: long recordings ``RGB_VIDEO/0002-L.avi`` (views L, M, R; APN calls M "C") with one label file per
   recording (``0002-L.txt``: ``action_id,start_frame,end_frame,confidence`` per line); every labelled action
-  becomes a segment row, labelled ``A01`` ... Frame numbers are used as 0-based indices.
+  becomes a segment row, labelled ``A01`` ... Frame numbers are used as 0-based indices. The source view's
+  recordings (not its segments) are split 70/30, so no recording has actions in both train and val.
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def build_pku_views(video_dir: Path, label_dir: Path, source: str, val_fraction:
             action, start, end = map(int, fields[:3])
             build.entries.append(VideoEntry(video_id=f"{view}/{label_file.stem}_{number:03d}", path=str(video),
                                             label=f"A{action:02d}", domain=view, split="train",
-                                            start_frame=start, end_frame=end))
+                                            start_frame=start, end_frame=end,
+                                            attrs={"recording": label_file.stem}))
     if not build.entries:
         raise ValueError(f"{label_dir}: no label files of the videos in {video_dir} (named like 0002-L.txt)")
-    build.entries = assign_dg_splits(build.entries, source, val_fraction, seed)
+    # one recording holds actions of many classes: split recordings, never its segments, between train and val
+    build.entries = assign_dg_splits(build.entries, source, val_fraction, seed, group=lambda entry: "recordings",
+                                     unit=lambda entry: entry.attrs["recording"])
     return build

@@ -11,7 +11,13 @@ naming the file and the global, so a hostile or unexpected pickle never runs.
 
 Both pickle layouts of a DataFrame's block manager are understood: pandas >= 2 reduces it to
 ``BlockManager(blocks, axes)`` with ``_unpickle_block(values, placement, ndim)`` per block; older pandas stored
-the state tuple whose fourth element holds ``{"0.14.1": {"axes": ..., "blocks": [...]}}``.
+the state tuple whose fourth element holds ``{"0.14.1": {"axes": ..., "blocks": [...]}}`` (under the state key
+``_data`` before pandas 1.1, ``_mgr`` after), with ``Int64Index``-style row indexes before pandas 2.
+
+Python 2 pickles load too: their ``str`` values are decoded as latin-1 (as numpy recommends, so that arrays'
+raw bytes survive; non-ASCII text pickled by Python 2 as UTF-8 bytes then reads as mojibake), and the objects
+of protocol 0/1 pickles are rebuilt through ``copyreg._reconstructor``, which is allowed for the pandas
+stand-ins only.
 """
 from __future__ import annotations
 
@@ -108,11 +114,20 @@ class _DataFrame:
         return table
 
 
+def _reconstructor(cls: type, base: type, state) -> object:
+    """``copyreg._reconstructor`` (protocol 0/1 pickles of objects), for the pandas stand-ins only."""
+    if cls not in (_DataFrame, _BlockManager) or base is not object or state is not None:
+        raise PickleRefused(f"copyreg._reconstructor({getattr(cls, '__name__', cls)}, "
+                            f"{getattr(base, '__name__', base)}, ...) builds only plain pandas DataFrames")
+    return object.__new__(cls)
+
+
 # ---- the allow-list -----------------------------------------------------------------------------------------
 
 _NUMPY = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar,
           "_frombuffer": numeric._frombuffer, "ndarray": np.ndarray, "dtype": np.dtype}
-_BUILTINS = {"slice": slice, "set": set, "frozenset": frozenset, "bytearray": bytearray, "complex": complex}
+_BUILTINS = {"slice": slice, "set": set, "frozenset": frozenset, "bytearray": bytearray, "complex": complex,
+             "object": object}  # object: copyreg._reconstructor's base argument
 _PANDAS = {
     ("pandas.core.frame", "DataFrame"): _DataFrame,
     ("pandas.core.internals.managers", "BlockManager"): _BlockManager,
@@ -132,7 +147,7 @@ _NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray", "n
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, handle, path: Path) -> None:
-        super().__init__(handle)
+        super().__init__(handle, encoding="latin1")  # Python 2 str: bytes 0-255 map 1:1, nothing runs
         self.path = path
 
     def find_class(self, module: str, name: str):
@@ -142,6 +157,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _BUILTINS[name]
         if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
             return codecs.encode
+        if module in ("copyreg", "copy_reg") and name == "_reconstructor":  # copy_reg: Python 2's name
+            return _reconstructor
         if (module, name) in _PANDAS:
             return _PANDAS[(module, name)]
         hint = (" (a DataFrame column of a pandas extension type: categorical, datetime, nullable or string dtype; "
@@ -161,7 +178,8 @@ def load_pickle(path: Path):
             content = _RestrictedUnpickler(handle, path).load()
     except PickleRefused as error:
         raise PickleRefused(str(error) if str(error).startswith(str(path)) else f"{path}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, TypeError, KeyError, AttributeError) as error:
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError) as error:
+        # ValueError: an unsupported protocol, bad text (UnicodeDecodeError) or numbers in the opcodes
         raise PickleRefused(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
     return _tables_in(content)
 

@@ -1,5 +1,5 @@
 """UCF101 / HMDB51 / Olympic Sports benchmarks: TA3N's UCF-HMDB_full, UCF-HMDB_small and UCF-Olympic (official
-splits; DA), and VideoDG's / STDN's UCF-HMDB (every video re-split 80/20; DG).
+splits; DA), and VideoDG's / STDN's UCF-HMDB (every video re-split 80/20, or their own lists; DG).
 
 Expected layouts (the datasets' own): ``UCF-101/<Class>/<video>.avi`` with ``ucfTrainTestlist/`` (trainlist01.txt,
 testlist01.txt); ``hmdb51/<class>/<video>.avi`` with ``testTrainMulti_7030_splits/`` (<class>_test_split1.txt:
@@ -9,15 +9,17 @@ testlist01.txt); ``hmdb51/<class>/<video>.avi`` with ``testTrainMulti_7030_split
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from extract.manifest import VideoEntry
 
 from .common import (OFFICIAL_TEST_SPLIT, VIDEO_SUFFIXES, Build, ClassMap, FolderIndex, assign_dg_splits,
                      require_every_class)
-from .lists import read_video_list, resolve_listed
+from .lists import listed_parts, read_video_list
 
 DG_VAL_FRACTION = 0.2  # VideoDG's lists hold floor(0.8 n) of each source class for training
+UCF_NAME = re.compile(r"^v_([A-Za-z]+)_g\d+_c\d+$")  # v_<Class>_g<group>_c<clip>
 
 
 def video_name(path: Path) -> str:
@@ -150,24 +152,48 @@ def build_ucf_hmdb_dg(source: str, ucf_dir: Path, hmdb_dir: Path, seed: int = 0)
     return Build(f"ucf-hmdb-dg:{source}", entries)
 
 
-def build_ucf_hmdb_dg_from_lists(source: str, lists_dir: Path, data_root: Path) -> Build:
+def build_ucf_hmdb_dg_from_lists(source: str, lists_dir: Path, ucf_dir: Path, hmdb_dir: Path) -> Build:
     """UCF-HMDB DG from VideoDG's / STDN's own lists ({ucf,hmdb}_{train,val}.txt, ``<path> <frames> <label>``):
-    their exact videos and splits; the other domain's train and val lists together form the target test set."""
-    labels, build = ClassMap.load("ucf-hmdb-full").by_id, Build(f"ucf-hmdb-dg:{source}", [])
-    for domain in ("ucf", "hmdb"):
+    their exact videos and splits; the other domain's train and val lists together form the target test set.
+
+    Each listed video is found in your copy by its name, whatever folders the authors kept it in: a UCF101
+    video in the class folder its name gives (``v_<Class>_gXX_cYY``), an HMDB51 video in the folder of its
+    listed class. Video ids are those of the official-split builders, so one extraction serves both.
+    """
+    classes = ClassMap.load("ucf-hmdb-full")
+    labels, build = classes.by_id, Build(f"ucf-hmdb-dg:{source}", [])
+    for domain, root, name in (("ucf", ucf_dir, "UCF101"), ("hmdb", hmdb_dir, "HMDB51")):
+        copy, sources = DatasetCopy(root, name), classes.sources(domain)
         for part in ("train", "val"):
             path = Path(lists_dir) / f"{domain}_{part}.txt"
             for listed in read_video_list(path):
                 if listed.class_id not in labels:
                     raise ValueError(f"{path}:{listed.line}: class id {listed.class_id} is not one of UCF-HMDB's "
                                      f"12 (0-11, TA3N's order: {', '.join(labels.values())})")
-                found = resolve_listed(listed.path, data_root)
+                label, video = labels[listed.class_id], video_name(Path(listed_parts(listed.path)[-1]))
+                source_class = _listed_source_class(domain, video, label, sources, f"{path}:{listed.line}")
+                found = copy.find(source_class, video)
                 if found is None:
-                    build.missing.append(listed.path)
+                    build.missing.append(f"{domain}/{source_class}/{video}")
                     continue
                 split = part if domain == source else "test"
-                build.entries.append(video_entry(found, labels[listed.class_id], domain, split, found.parent.name))
-    if not build.entries:
-        raise ValueError(f"none of the listed videos was found under {data_root}; pass the folder that holds "
-                         f"the lists' UCF/ and HMDB/ folders as the data root")
+                build.entries.append(video_entry(found, label, domain, split, source_class))
+        require_every_class(build.entries, domain, sources, copy.root, hint="" if domain == "ucf" else (
+            "; VideoDG's HMDB lists name renamed frame folders (climb/video_0056) that only VideoDG's own "
+            "frames have: pass those as --hmdb"))
     return build
+
+
+def _listed_source_class(domain: str, video: str, label: str, sources: dict[str, str], where: str) -> str:
+    """The source class a listed video belongs to: from a UCF101 name, or the HMDB51 class of its label."""
+    if domain == "hmdb":
+        return next(source_class for source_class, shared in sources.items() if shared == label)
+    match = UCF_NAME.match(video)
+    if not match or match.group(1) not in sources:
+        raise ValueError(f"{where}: {video!r} is not a UCF101 video of the 12 classes (v_<Class>_gXX_cYY with "
+                         f"<Class> one of {', '.join(sources)})")
+    ucf_class = match.group(1)
+    if sources[ucf_class] != label:
+        raise ValueError(f"{where}: {video} is in UCF101 class {ucf_class} (shared class {sources[ucf_class]!r}), "
+                         f"but the list labels it {label!r}")
+    return ucf_class

@@ -116,10 +116,15 @@ def load_t7(path: Path) -> np.ndarray:
     except Exception as error:  # weights_only raises UnpicklingError for anything but tensors and containers
         raise ValueError(f"{path}: refused, not a plain saved tensor ({_load_refusal(error)})") from None
     if type(value) is not torch.Tensor or value.ndim != 1 or not value.is_floating_point():
-        kind = (f"a {value.ndim}-D {value.dtype} tensor" if isinstance(value, torch.Tensor)
-                else type(value).__name__)
-        raise ValueError(f"{path}: expected a 1-D float feature tensor, found {kind}")
+        raise ValueError(f"{path}: expected a 1-D float feature tensor (torch.Tensor), found {_describe(value)}")
     return value.detach().numpy().astype(np.float32)
+
+
+def _describe(value) -> str:
+    """The loaded object's type, by its full name, and a tensor's shape and dtype."""
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name} ({value.ndim}-D {value.dtype})" if isinstance(value, torch.Tensor) else name
 
 
 def _load_refusal(error: Exception) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from data_manifests.common import Build, available_class_maps, count_report, write_manifest
-from data_manifests.epic_kitchens import DEFAULT_LAYOUT, DOMAINS, build_epic_kitchens
+from data_manifests.epic_kitchens import (DEFAULT_LAYOUT, DOMAINS, build_epic_kitchens,
+                                          build_epic_kitchens_dg_from_lists)
 from data_manifests.generic import build_generic
 from data_manifests.multiview import APN_VAL_FRACTION, build_ntu_views, build_pku_views
 from data_manifests.releases import EPIC100_MODALITIES, Release, epic100_release, read_class_names, ta3n_release
@@ -41,6 +42,15 @@ def output_options(command):
                                 "[default: the manifest's folder].")(command)
     return click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
                         help="Manifest CSV to write.")(command)
+
+
+def epic_recording_options(command):
+    """--frames, --layout and --domain: where the EPIC-Kitchens recordings are, and which domains to build."""
+    command = click.option("--domain", "domains", multiple=True, type=click.Choice(list(DOMAINS)),
+                           help="Domains to include [default: all three].")(command)
+    command = click.option("--layout", default=DEFAULT_LAYOUT, show_default=True,
+                           help="Recording path under --frames; {split} {domain} {participant} {video_id}.")(command)
+    return click.option("--frames", required=True, type=FOLDER, help="Folder the --layout starts from.")(command)
 
 
 def _finish(build: Build, out: Path, root: Path | None) -> None:
@@ -79,38 +89,40 @@ def ucf_olympic(ucf: Path, ucf_splits: Path, olympic: Path, olympic_splits: Path
 
 @manifest.command("ucf-hmdb-dg")
 @click.option("--source", required=True, type=click.Choice(["ucf", "hmdb"]), help="Source domain (train/val).")
-@click.option("--ucf", type=FOLDER, help="UCF-101 folder: re-split every video of the 12 classes.")
-@click.option("--hmdb", type=FOLDER, help="HMDB51 folder.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the 80/20 split.")
-@click.option("--lists", type=FOLDER, help="Or: VideoDG/STDN list folder ({ucf,hmdb}_{train,val}.txt).")
-@click.option("--data-root", type=FOLDER, help="With --lists: the folder holding the lists' videos.")
+@click.option("--ucf", required=True, type=FOLDER, help="UCF-101 folder (<Class>/<video>.avi).")
+@click.option("--hmdb", required=True, type=FOLDER, help="HMDB51 folder (<class>/<video>.avi).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the 80/20 split (without --lists).")
+@click.option("--lists", type=FOLDER,
+              help="VideoDG/STDN list folder ({ucf,hmdb}_{train,val}.txt): their exact videos and splits.")
 @output_options
-def ucf_hmdb_dg(source: str, ucf: Path | None, hmdb: Path | None, seed: int, lists: Path | None,
-                data_root: Path | None, out: Path, root: Path | None) -> None:
+def ucf_hmdb_dg(source: str, ucf: Path, hmdb: Path, seed: int, lists: Path | None, out: Path,
+                root: Path | None) -> None:
     """VideoDG/STDN UCF-HMDB DG: the source re-split 80/20, the other domain is the target test set."""
-    if lists is not None:
-        if data_root is None or ucf or hmdb:
-            raise ValueError("--lists needs --data-root, and replaces --ucf/--hmdb")
-        build = build_ucf_hmdb_dg_from_lists(source, lists, data_root)
-    elif ucf is None or hmdb is None:
-        raise ValueError("pass --ucf and --hmdb (every video, re-split), or --lists and --data-root")
-    else:
-        build = build_ucf_hmdb_dg(source, ucf, hmdb, seed)
+    build = (build_ucf_hmdb_dg_from_lists(source, lists, ucf, hmdb) if lists is not None
+             else build_ucf_hmdb_dg(source, ucf, hmdb, seed))
     _finish(build, out, root)
 
 
 @manifest.command("epic-kitchens")
 @click.option("--splits", required=True, type=FOLDER, help="Folder with MM-SADA's D1_train.pkl ... D3_test.pkl.")
-@click.option("--frames", required=True, type=FOLDER, help="Folder the --layout starts from.")
-@click.option("--layout", default=DEFAULT_LAYOUT, show_default=True,
-              help="Recording path under --frames; {split} {domain} {participant} {video_id}.")
-@click.option("--domain", "domains", multiple=True, type=click.Choice(list(DOMAINS)),
-              help="Domains to include [default: all three].")
+@epic_recording_options
 @output_options
 def epic_kitchens(splits: Path, frames: Path, layout: str, domains: tuple[str, ...], out: Path,
                   root: Path | None) -> None:
     """EPIC-Kitchens D1/D2/D3 (P08/P01/P22; MM-SADA splits, used by STDN and STCDA) as segment rows."""
     _finish(build_epic_kitchens(splits, frames, layout, domains or tuple(DOMAINS)), out, root)
+
+
+@manifest.command("epic-kitchens-dg")
+@click.option("--source", required=True, type=click.Choice(list(DOMAINS)), help="Source domain (train/val).")
+@click.option("--lists", required=True, type=FOLDER,
+              help="STDN's EPIC-KITCHENS-55-DG-list folder (epic_kitchens_55_da_D1_trainlist.txt ...).")
+@epic_recording_options
+@output_options
+def epic_kitchens_dg(source: str, lists: Path, frames: Path, layout: str, domains: tuple[str, ...], out: Path,
+                     root: Path | None) -> None:
+    """STDN's EPIC-Kitchens-DG lists: the source's train/val lists, the other domains' full lists as test."""
+    _finish(build_epic_kitchens_dg_from_lists(source, lists, frames, layout, domains or tuple(DOMAINS)), out, root)
 
 
 @manifest.command("ntu-views")
@@ -179,7 +191,8 @@ def _import(release: Release, out: Path, store_format: str, stream: str, manifes
         click.echo(f"{len(release.missing)} listed video(s) not found in your copy, e.g. {release.missing[0]}",
                    err=True)
     summary = import_pooled(release.sources, out, store_format, stream, release.features, release.part_info)
-    stored = FeatureStore.open(out).videos(stream)
+    with FeatureStore.open(out) as store:
+        stored = store.videos(stream)
     path = manifest_path or out / "manifest.csv"
     rows = {entry.video_id: entry for entry in read_manifest(path)} if path.is_file() else {}
     rows.update((source.entry.video_id, source.entry) for source in release.sources
@@ -239,5 +252,6 @@ def import_epic100(features_file: Path, modality: str, domain: str, split: str, 
 @click.option("--stream", default="rgb", show_default=True)
 def export(store_path: Path, out: Path, export_format: str, stream: str) -> None:
     """Write a store's pooled features as one .npy (with .steps.npy) or .h5 per video, plus index.csv."""
-    count = export_store(FeatureStore.open(store_path), out, export_format, stream)
+    with FeatureStore.open(store_path) as store:
+        count = export_store(store, out, export_format, stream)
     click.echo(f"exported {count} videos to {out} ({export_format})")

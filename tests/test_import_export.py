@@ -9,13 +9,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from data_manifests.pickles import PickleRefused
 from extract.importers import segment_steps
 from extract.manifest import read_manifest
 from extract.store import FeatureStore, StoreError
+from pipelines.cli import main
 from pipelines.cli_data import export, import_
+from pipelines.runs import store_identity
 
 CHANNELS = 8
 
@@ -48,6 +51,8 @@ def ta3n_release(tmp_path):
     torch.save({"feature": torch.zeros(CHANNELS)}, hmdb / "bad_dict" / "img_00002.t7")  # not a plain tensor
     write_t7_video(hmdb / "bad_object", 2, 4)
     torch.save(NotATensor(), hmdb / "bad_object" / "img_00001.t7")  # loading it would run code
+    write_t7_video(hmdb / "bad_parameter", 2, 5)
+    torch.save(torch.nn.Parameter(torch.zeros(CHANNELS)), hmdb / "bad_parameter" / "img_00002.t7")
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "list_ucf101_train.txt").write_text("/home/author/dataset/ucf101/RGB-feature/v_Archery_g08_c01 5 10\n")
@@ -56,6 +61,7 @@ def ta3n_release(tmp_path):
         "/home/author/dataset/hmdb51/RGB-feature/Sword_fencing_f_cm_np1_le_bad_1 4 1\n"
         "/home/author/dataset/hmdb51/RGB-feature/bad_dict 2 1\n"
         "/home/author/dataset/hmdb51/RGB-feature/bad_object 2 1\n"
+        "/home/author/dataset/hmdb51/RGB-feature/bad_parameter 2 1\n"
         "/home/author/dataset/hmdb51/RGB-feature/not_in_this_copy 9 1\n")
     specs = [f"ucf:train={lists / 'list_ucf101_train.txt'}", f"ucf:val={lists / 'list_ucf101_val.txt'}",
              f"hmdb:train={lists / 'list_hmdb51_train.txt'}"]
@@ -82,7 +88,8 @@ def test_ta3n_t7_import_round_trip_refusals_manifest_and_resume(ta3n_release, tm
     assert archery["path"] == "ucf101/RGB-feature/v_Archery_g08_c01" and archery["listed_frames"] == "5"
     assert videos["hmdb/Sword_fencing_f_cm_np1_le_bad_1"].attrs["label"] == "fencing"
     reasons = {failure["video_id"]: failure["reason"] for failure in store.failures()}
-    assert "expected a 1-D float feature tensor, found dict" in reasons["hmdb/bad_dict"]
+    assert "expected a 1-D float feature tensor (torch.Tensor), found dict" in reasons["hmdb/bad_dict"]
+    assert "found torch.nn.parameter.Parameter (1-D torch.float32)" in reasons["hmdb/bad_parameter"]
     assert "refused, not a plain saved tensor (Unsupported global: GLOBAL test_import_export.NotATensor)" in \
         reasons["hmdb/bad_object"]
     assert "FAILED hmdb/bad_object" in result.output
@@ -117,7 +124,7 @@ Kgr+AJd2ZJs="""
 def write_epic100(tmp_path):
     rng = np.random.default_rng(5)
     features = {"RGB": rng.normal(size=(3, 25, 6)).astype(np.float32),
-                "Flow": rng.normal(size=(3, 25, 6)).astype(np.float32),
+                "Flow": rng.normal(size=(3, 25, 5)).astype(np.float32),
                 "Audio": rng.normal(size=(3, 25, 4)).astype(np.float32)}
     source, labels = tmp_path / "source_train.pkl", tmp_path / "EPIC_100_uda_source_train.pkl"
     with open(source, "wb") as handle:
@@ -159,7 +166,7 @@ def test_epic100_pickle_import_labels_segments_and_modalities(tmp_path):
                                           "--split", "train", "--out", str(tmp_path / "all_store")])
     assert result.exit_code == 0, result.output
     everything = FeatureStore.open(tmp_path / "all_store")
-    assert everything.streams == ["all"] and everything.provenance("all")["features"]["channels"] == 16
+    assert everything.streams == ["all"] and everything.provenance("all")["features"]["channels"] == 15
     np.testing.assert_array_equal(everything.read("P02_03_7", "pooled", stream="all"),
                                   np.concatenate([features[m][2] for m in ("RGB", "Flow", "Audio")], axis=-1))
 
@@ -201,3 +208,63 @@ def test_export_npy_and_hdf5_read_back_without_vidshift(ta3n_release, tmp_path):
     with h5py.File(tmp_path / "h5" / "hmdb" / "Sword_fencing_f_cm_np1_le_bad_1.h5", "r") as h5:
         np.testing.assert_array_equal(h5["pooled"][...], features["hmdb/Sword_fencing_f_cm_np1_le_bad_1"])
         assert h5["steps"].shape == (4, 2) and h5.attrs["domain"] == "hmdb" and h5.attrs["split"] == "train"
+
+
+# ---- imported stores train through the CLI -----------------------------------------------------------------------
+
+TRAIN_FAST = ["--set", "epochs=1", "--set", "batch_size=4", "--device", "cpu", "--workers", "0"]
+
+
+def test_imported_ta3n_store_trains_pooled_heads_and_refuses_maps_heads(tmp_path):
+    """TA3N's release -> `store import ta3n` -> `vidshift train --setting da` on the store it wrote."""
+    release, lists, specs = tmp_path / "TA3N_release", tmp_path / "lists", []
+    lists.mkdir()
+    for domain, dataset in (("ucf", "ucf101"), ("hmdb", "hmdb51")):
+        for split in ("train", "val"):
+            lines = []
+            for class_id, name in ((0, "climb"), (1, "fencing")):
+                for k in range(2):
+                    video = f"{name}_{split}_{k}"
+                    write_t7_video(release / dataset / "RGB-feature" / video, 6, seed=len(specs) * 4 + class_id * 2 + k)
+                    lines.append(f"/home/author/{dataset}/RGB-feature/{video} 6 {class_id}\n")
+            (lists / f"list_{dataset}_{split}.txt").write_text("".join(lines))
+            specs += ["--list", f"{domain}:{split}={lists / f'list_{dataset}_{split}.txt'}"]
+    store = tmp_path / "store"
+    result = CliRunner().invoke(main, ["store", "import", "ta3n", str(release), *specs, "--classes", "ucf-hmdb-full",
+                                       "--out", str(store)])
+    assert result.exit_code == 0, result.output
+    train = ["train", "--store", str(store), "--manifest", str(store / "manifest.csv"), "--source", "ucf",
+             "--target", "hmdb", *TRAIN_FAST]
+    for head in ("trn", "ta3n"):
+        result = CliRunner().invoke(main, [*train, "--setting", "da", "--head", head, "--out", str(tmp_path / head)])
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((tmp_path / head / "metrics.json").read_text())
+        assert metrics["final"]["epochs_run"] == 1 and 0 <= metrics["final"]["target_acc_selected"] <= 1
+    result = CliRunner().invoke(main, [*train, "--head", "stdn", "--out", str(tmp_path / "stdn")])
+    assert result.exit_code == 1
+    assert "has pooled features only" in result.output and "spatial maps" in result.output
+
+
+def test_epic100_modalities_become_streams_and_train_picks_one(tmp_path):
+    source, labels, features = write_epic100(tmp_path)
+    out = tmp_path / "epic_store"
+    for modality in ("RGB", "Flow"):
+        result = CliRunner().invoke(import_, ["epic100", str(source), "--labels", str(labels), "--modality", modality,
+                                              "--domain", "source", "--split", "train", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    with FeatureStore.open(out) as store:
+        assert store.streams == ["flow", "rgb"]
+        assert [store.provenance(stream)["features"]["channels"] for stream in store.streams] == [5, 6]
+        assert store.provenance("flow")["features"]["modality"] == "Flow"
+        np.testing.assert_array_equal(store.read("P01_01_1", "pooled", stream="flow"), features["Flow"][1])
+        flow_identity = store_identity(store, "flow")
+    assert len(read_manifest(out / "manifest.csv")) == 3  # one row per segment, whatever the streams
+
+    train = ["train", "--store", str(out), "--manifest", str(out / "manifest.csv"), "--head", "trn", "--source",
+             "source", *TRAIN_FAST]
+    result = CliRunner().invoke(main, [*train, "--stream", "flow", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    record = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert record["store"] == flow_identity  # the run trained on the Flow features and says so
+    result = CliRunner().invoke(main, [*train, "--stream", "audio", "--out", str(tmp_path / "run2")])
+    assert result.exit_code == 1 and "no stream 'audio'; it has flow, rgb" in result.output

@@ -1,7 +1,9 @@
 """Benchmark manifest builders on small fake dataset trees with split files in the datasets' real formats."""
 import base64
+import codecs
 import pickle
 import re
+import struct
 import zlib
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data_manifests.common import Build, ClassMap, count_report, expected_counts, seeded_split
-from data_manifests.epic_kitchens import build_epic_kitchens
+from data_manifests.epic_kitchens import build_epic_kitchens, build_epic_kitchens_dg_from_lists
 from data_manifests.generic import build_generic
 from data_manifests.multiview import build_ntu_views, build_pku_views
 from data_manifests.pickles import PickleRefused, load_pickle, load_table
@@ -130,6 +132,14 @@ def test_count_report_says_ok_when_counts_match_the_paper():
     assert "differs" not in report and "not found" not in report
 
 
+def test_count_report_shows_only_the_domains_built():
+    entries = [VideoEntry(f"D1/P08_01_{i}", "x", "take", "D1", "train", 0, 1) for i in range(3)]
+    report = count_report(Build("epic-kitchens", entries))  # e.g. --domain D1
+    assert re.search(r"D1\s+train\s+3\s+1543\s+differs by -1540", report)
+    assert re.search(r"D1\s+test\s+0\s+435", report)  # a split of a built domain that came out empty is shown
+    assert "D2" not in report and "D3" not in report
+
+
 def test_missing_class_and_missing_split_file_are_clear_errors(ucf_hmdb):
     ucf, ucf_splits, hmdb, hmdb_splits = ucf_hmdb
     for video in (hmdb / "shoot_bow").iterdir():
@@ -194,32 +204,84 @@ def test_dg_resplit_is_floor_80_percent_per_source_class_and_seeded(tmp_path):
     assert build.benchmark == "ucf-hmdb-dg:ucf" and expected_counts(build.benchmark)[("ucf", "train")].count == 1603
 
 
-def test_dg_reads_videodg_lists_with_foreign_absolute_paths(tmp_path):
-    data = tmp_path / "UCF-HMDB"
-    for relative in ("UCF/Archery/v_Archery_g01_c01.avi", "UCF/Fencing/v_Fencing_g11_c03.avi"):
-        (data / relative).parent.mkdir(parents=True, exist_ok=True)
-        (data / relative).write_bytes(b"")
-    for relative in ("HMDB/climb/video_0056", "HMDB/fencing/video_0056"):  # frame folders, same name, two classes
-        (data / relative).mkdir(parents=True)
-    lists = tmp_path / "data_list"
-    lists.mkdir()
-    (lists / "ucf_train.txt").write_text("/data/UCF-HMDB/UCF/Archery/v_Archery_g01_c01.avi 171 10\n"
-                                         "/data/UCF-HMDB/UCF/Walking/v_Gone_g01_c01.avi 99 11\n")
-    (lists / "ucf_val.txt").write_text("/data/UCF-HMDB/UCF/Fencing/v_Fencing_g11_c03.avi 133 1\n")
-    (lists / "hmdb_train.txt").write_text("/data/UCF-HMDB/HMDB/climb/video_0056 143 0\n")
-    (lists / "hmdb_val.txt").write_text("/data/UCF-HMDB/HMDB/fencing/video_0056 76 1\n")
-    build = build_ucf_hmdb_dg_from_lists("hmdb", lists, tmp_path)
+FULL = ClassMap.load("ucf-hmdb-full")
+CLASS_IDS = {label: class_id for class_id, label in FULL.by_id.items()}
+
+
+def write_dg_lists(folder: Path, ucf_path, hmdb_path) -> Path:
+    """{ucf,hmdb}_{train,val}.txt naming one video per source class and part, as ucf_path(Class, group) and
+    hmdb_path(class, k) write it; train lists UCF group 8 / HMDB video 0, val lists group 9 / video 1."""
+    folder.mkdir()
+    for part, (group, k) in {"train": (8, 0), "val": (9, 1)}.items():
+        (folder / f"ucf_{part}.txt").write_text("".join(f"{ucf_path(name, group)} 120 {CLASS_IDS[label]}\n"
+                                                        for name, label in FULL.sources("ucf").items()))
+        (folder / f"hmdb_{part}.txt").write_text("".join(f"{hmdb_path(name, k)} 80 {CLASS_IDS[label]}\n"
+                                                         for name, label in FULL.sources("hmdb").items()))
+    return folder
+
+
+def test_dg_reads_stdn_lists_against_the_official_copies_with_the_official_ids(ucf_hmdb, tmp_path):
+    ucf, ucf_splits, hmdb, hmdb_splits = ucf_hmdb
+    lists = write_dg_lists(tmp_path / "UCF-HMDB-DG-list",  # STDN's paths: its own frame folders
+                           lambda name, group: f"UCF101/frames/v_{name}_g{group:02d}_c01",
+                           lambda name, k: f"HMDB51/frames/Some_Title_{name}_f_cm_np1_fr_med_{k}")
+    with open(lists / "ucf_train.txt", "a") as handle:
+        handle.write("UCF101/frames/v_Archery_g25_c01 99 10\n")  # not in this copy
+    out = tmp_path / "dg_hmdb.csv"
+    result = CliRunner().invoke(manifest, ["ucf-hmdb-dg", "--source", "hmdb", "--lists", str(lists), "--ucf", str(ucf),
+                                           "--hmdb", str(hmdb), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(out)
+    official = {entry.video_id for entry in build_ucf_hmdb("ucf-hmdb-full", *ucf_hmdb).entries}
+    assert len(rows) == 15 * 2 + 12 * 2 and set(rows) <= official  # one extraction serves both manifests
+    climb = rows["ucf/RockClimbingIndoor/v_RockClimbingIndoor_g08_c01"]
+    assert (climb.label, climb.split, climb.attrs["source_class"]) == ("climb", "test", "RockClimbingIndoor")
+    assert (out.parent / climb.path).resolve() == (ucf / "RockClimbingIndoor" / "v_RockClimbingIndoor_g08_c01.avi")
+    kick = rows["hmdb/kick_ball/Some_Title_kick_ball_f_cm_np1_fr_med_1"]
+    assert (kick.label, kick.split) == ("kick_ball", "val")
+    assert re.search(r"hmdb\s+train\s+12\s+1434\s+differs by -1422", result.output)
+    assert "1 listed video(s) not found in your copy and left out: ucf/Archery/v_Archery_g25_c01" in result.output
+
+    for video in (ucf / "Archery").iterdir():  # a whole class missing from the copy is an error
+        video.unlink()
+    with pytest.raises(ValueError, match=r"ucf: no video of class 'shoot_bow' \(source class Archery\) was found"):
+        build_ucf_hmdb_dg_from_lists("ucf", lists, ucf, hmdb)
+
+
+def test_dg_videodg_lists_and_their_renamed_hmdb_frames(ucf_hmdb, tmp_path):
+    ucf, _, hmdb, _ = ucf_hmdb
+    lists = write_dg_lists(tmp_path / "data_list",  # VideoDG's paths: UCF videos, renamed HMDB frame folders
+                           lambda name, group: f"/data/UCF-HMDB/UCF/{name}/v_{name}_g{group:02d}_c01.avi",
+                           lambda name, k: f"/data/UCF-HMDB/HMDB/{name}/video_{k:04d}")
+    with pytest.raises(ValueError, match=r"hmdb: no video of class 'climb' .*only VideoDG's own frames have"):
+        build_ucf_hmdb_dg_from_lists("ucf", lists, ucf, hmdb)  # the official HMDB51 has no video_0000
+    videodg_hmdb = tmp_path / "UCF-HMDB" / "HMDB"
+    for name in HMDB_CLASSES:
+        for k in (0, 1):
+            (videodg_hmdb / name / f"video_{k:04d}").mkdir(parents=True)  # same name in every class folder
+    build = build_ucf_hmdb_dg_from_lists("ucf", lists, ucf, videodg_hmdb)
     rows = {entry.video_id: entry for entry in build.entries}
-    assert set(rows) == {"ucf/Archery/v_Archery_g01_c01", "ucf/Fencing/v_Fencing_g11_c03", "hmdb/climb/video_0056",
-                         "hmdb/fencing/video_0056"}
-    assert rows["ucf/Archery/v_Archery_g01_c01"].label == "shoot_bow"
-    assert rows["hmdb/fencing/video_0056"].label == "fencing"
-    assert [rows[v].split for v in sorted(rows)] == ["train", "val", "test", "test"]  # source hmdb: ucf is the target
-    assert Path(rows["hmdb/climb/video_0056"].path) == data / "HMDB/climb/video_0056"
-    assert build.missing == ["/data/UCF-HMDB/UCF/Walking/v_Gone_g01_c01.avi"]
-    (lists / "hmdb_val.txt").write_text("/data/UCF-HMDB/HMDB/fencing/video_0056 76 12\n")
-    with pytest.raises(ValueError, match=r"hmdb_val.txt:1: class id 12 is not one of UCF-HMDB's 12"):
-        build_ucf_hmdb_dg_from_lists("hmdb", lists, tmp_path)
+    assert len(rows) == 15 * 2 + 12 * 2 and not build.missing
+    assert (rows["ucf/Archery/v_Archery_g09_c01"].label, rows["ucf/Archery/v_Archery_g09_c01"].split) == \
+        ("shoot_bow", "val")
+    assert (rows["hmdb/fencing/video_0001"].label, rows["hmdb/fencing/video_0001"].split) == ("fencing", "test")
+    assert Path(rows["hmdb/climb/video_0000"].path) == videodg_hmdb / "climb" / "video_0000"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("UCF101/frames/v_Archery_g08_c01 171 12", r"ucf_train.txt:1: class id 12 is not one of UCF-HMDB's 12"),
+    ("UCF101/frames/v_Archery_g08_c01 171 0", r"ucf_train.txt:1: v_Archery_g08_c01 is in UCF101 class Archery "
+                                              r"\(shared class 'shoot_bow'\), but the list labels it 'climb'"),
+    ("UCF101/frames/clip_0001 171 0", r"ucf_train.txt:1: 'clip_0001' is not a UCF101 video of the 12 classes"),
+    ("UCF101/frames/v_Archery_g08_c01 171", r"ucf_train.txt:1: expected '<path> <num_frames> <class_id>'"),
+])
+def test_dg_list_errors_name_the_line(ucf_hmdb, tmp_path, line, message):
+    ucf, _, hmdb, _ = ucf_hmdb
+    lists = write_dg_lists(tmp_path / "lists", lambda name, group: f"v_{name}_g{group:02d}_c01",
+                           lambda name, k: f"Some_Title_{name}_f_cm_np1_fr_med_{k}")
+    (lists / "ucf_train.txt").write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
+        build_ucf_hmdb_dg_from_lists("ucf", lists, ucf, hmdb)
 
 
 # ---- EPIC-Kitchens (MM-SADA splits) ----------------------------------------------------------------------------
@@ -275,6 +337,37 @@ def test_epic_kitchens_segments_from_pandas_and_plain_pickles_extract_the_right_
     np.testing.assert_array_equal(store.read("D1/P08_09_20", "steps")[:, 0], [1, 2, 3])
 
 
+def test_epic_kitchens_dg_reads_stdn_four_column_lists(tmp_path):
+    frames, lists = tmp_path / "frames_rgb_flow", tmp_path / "EPIC-KITCHENS-55-DG-list"
+    write_frames(frames / "rgb" / "train" / "D1" / "P08_01", 12)
+    write_frames(frames / "rgb" / "test" / "D1" / "P08_09", 6)
+    write_frames(frames / "rgb" / "train" / "D2" / "P01_01", 8)
+    lists.mkdir()
+    (lists / "epic_kitchens_55_da_D1_trainlist.txt").write_text(
+        "train/P08/P08_01 2 5 0\ntrain/P08/P08_01 2 5 2\n")  # the same frames annotated twice: two rows
+    (lists / "epic_kitchens_55_da_D1_vallist.txt").write_text("test/P08/P08_09 3 4 3\n")
+    (lists / "epic_kitchens_55_da_D2_fulllist.txt").write_text("train/P01/P01_01 1 3 1\ntrain/P01/P01_05 1 2 1\n")
+    out = tmp_path / "epic_dg.csv"
+    result = CliRunner().invoke(manifest, ["epic-kitchens-dg", "--source", "D1", "--lists", str(lists), "--frames",
+                                           str(frames), "--domain", "D1", "--domain", "D2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(out)
+    assert set(rows) == {"D1/P08_01_2_5", "D1/P08_01_2_5_2", "D1/P08_09_3_4", "D2/P01_01_1_3"}
+    take = rows["D1/P08_01_2_5"]
+    assert (take.label, take.split, take.start_frame, take.end_frame) == ("take", "train", 1, 4)  # EPIC frames 2-5
+    assert (rows["D1/P08_01_2_5_2"].label, rows["D1/P08_09_3_4"].split) == ("open", "val")
+    assert (rows["D2/P01_01_1_3"].label, rows["D2/P01_01_1_3"].split) == ("put", "test")
+    assert "1 listed video(s) not found" in result.output and "D2/P01_05_1_2" in result.output
+    assert "D3" not in result.output
+
+    (lists / "epic_kitchens_55_da_D2_fulllist.txt").write_text("train/P08/P08_01 1 3 1\n")
+    with pytest.raises(ValueError, match=r"D2_fulllist.txt:1: expected a recording of D2 as '<train\|test>/P01/"):
+        build_epic_kitchens_dg_from_lists("D1", lists, frames, domains=("D1", "D2"))
+    (lists / "epic_kitchens_55_da_D2_fulllist.txt").write_text("train/P01/P01_01 1 3\n")
+    with pytest.raises(ValueError, match=r"D2_fulllist.txt:1: expected '<path> <start_frame> <end_frame> <class_id>'"):
+        build_epic_kitchens_dg_from_lists("D1", lists, frames, domains=("D1", "D2"))
+
+
 def test_pickles_with_code_are_refused_before_anything_runs(tmp_path):
     class Exploit:
         def __reduce__(self):
@@ -287,6 +380,103 @@ def test_pickles_with_code_are_refused_before_anything_runs(tmp_path):
     np.testing.assert_array_equal(load_pickle(path), [0, 1, 2])
     with pytest.raises(ValueError, match="expected a DataFrame, a dict of columns or a list of row dicts"):
         load_table(path)
+
+
+# A DataFrame pickled as pandas < 1.1 under Python 2 did (pandas is not needed to write it): the opcodes those
+# versions emit, from a pickler that writes the pandas globals by name, Python 2's str as byte strings (STRING /
+# BINSTRING) and objects through copy_reg._reconstructor (protocol 0/1) or NEWOBJ (protocol 2).
+
+class Name:
+    """A module-level name of a library that need not be installed here: pickle's GLOBAL opcode."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+
+class Call:
+    """``func(*args)``: REDUCE."""
+
+    def __init__(self, func: Name, *args) -> None:
+        self.func, self.args = func, args
+
+
+class Instance:
+    """An instance of the class ``cls`` with ``state``, rebuilt as Python pickles instances of plain classes."""
+
+    def __init__(self, cls: Name, state) -> None:
+        self.cls, self.state = cls, state
+
+
+class Python2Pickler(pickle._Pickler):
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, value) -> None:
+        raw = value if isinstance(value, bytes) else value.encode("utf-8")
+        if self.proto == 0:
+            self.write(b"S'" + codecs.escape_encode(raw)[0].replace(b"'", b"\\'") + b"'\n")
+        elif len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+
+    def save_name(self, name: Name) -> None:
+        self.write(pickle.GLOBAL + f"{name.module}\n{name.name}\n".encode())
+
+    def save_call(self, call: Call) -> None:
+        self.save(call.func)
+        self.save(call.args)
+        self.write(pickle.REDUCE)
+
+    def save_instance(self, instance: Instance) -> None:
+        if self.proto < 2:
+            self.save(Call(Name("copy_reg", "_reconstructor"), instance.cls, Name("__builtin__", "object"), None))
+        else:
+            self.save(instance.cls)
+            self.save(())
+            self.write(pickle.NEWOBJ)
+        self.save(instance.state)
+        self.write(pickle.BUILD)
+
+    dispatch.update({str: save_python2_str, bytes: save_python2_str, Name: save_name, Call: save_call,
+                     Instance: save_instance})
+
+
+def pandas_1_0_frame() -> Instance:
+    """MM-SADA-style columns, row index Int64Index([1543, 1544]); pandas 1.0's __getstate__ of frame and manager."""
+    def index(module: str, kind: str, data: np.ndarray) -> Call:
+        return Call(Name("pandas.core.indexes.base", "_new_Index"), Name(f"pandas.core.indexes.{module}", kind),
+                    {"data": data, "name": None})
+    axes = [index("base", "Index", np.array(["uid", "video_id", "start_frame", "stop_frame", "verb_class"], object)),
+            index("numeric", "Int64Index", np.array([1543, 1544]))]
+    blocks = [{"values": np.array([[10, 11], [72393, 6], [72490, 9], [0, 2]]), "mgr_locs": np.array([0, 2, 3, 4])},
+              {"values": np.array([["P08_21", "P08_01"]], object), "mgr_locs": slice(1, 2, 1)}]
+    manager = Instance(Name("pandas.core.internals.managers", "BlockManager"),
+                       (axes, [block["values"] for block in blocks], [], {"0.14.1": {"axes": axes, "blocks": blocks}}))
+    return Instance(Name("pandas.core.frame", "DataFrame"), {"_data": manager, "_typ": "dataframe", "_metadata": []})
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_pandas_1_0_dataframes_pickled_by_python_2_are_read(tmp_path, protocol):
+    path = tmp_path / "D1_train.pkl"
+    with open(path, "wb") as handle:
+        Python2Pickler(handle, protocol).dump(pandas_1_0_frame())
+    table = load_table(path)  # int64 bytes such as 0xc9 arrive as Python 2 str: read as latin-1
+    assert list(table) == ["uid", "video_id", "start_frame", "stop_frame", "verb_class"]  # unnamed row index dropped
+    assert table["video_id"].tolist() == ["P08_21", "P08_01"] and table["start_frame"].tolist() == [72393, 6]
+    assert table["stop_frame"].tolist() == [72490, 9] and table["verb_class"].tolist() == [0, 2]
+
+
+def test_broken_pickles_and_other_reconstructed_objects_are_refused(tmp_path):
+    path = tmp_path / "D1_train.pkl"
+    with open(path, "wb") as handle:
+        Python2Pickler(handle, 0).dump({"rows": Instance(Name("numpy", "ndarray"), {})})
+    with pytest.raises(PickleRefused, match=r"copyreg._reconstructor\(ndarray, object, ...\) builds only plain pandas"):
+        load_pickle(path)
+    for content, error in ((b"\x80\x04X\x02\x00\x00\x00\xff\xfe.", "UnicodeDecodeError"),
+                           (b"\x80\x09N.", "ValueError: unsupported pickle protocol")):
+        path.write_bytes(content)
+        with pytest.raises(PickleRefused, match=f"D1_train.pkl: not a readable pickle \\({error}"):
+            load_pickle(path)
 
 
 # ---- multi-view DG and the generic builder -----------------------------------------------------------------------
@@ -309,15 +499,22 @@ def test_ntu_views_by_camera_and_pku_views_by_view(tmp_path):
     videos, labels = tmp_path / "RGB_VIDEO", tmp_path / "Train_Label_PKU_final"
     videos.mkdir()
     labels.mkdir()
-    for view in "LMR":
-        (videos / f"0002-{view}.avi").write_bytes(b"")
-        (labels / f"0002-{view}.txt").write_text("12,10,80,2\n41,100,160,1\n")
-    (labels / "0003-L.txt").write_text("1,1,2,1\n")  # its video is missing from the copy
+    for recording in range(2, 12):
+        for view in "LMR":
+            (videos / f"{recording:04d}-{view}.avi").write_bytes(b"")
+            (labels / f"{recording:04d}-{view}.txt").write_text("12,10,80,2\n41,100,160,1\n3,200,260,1\n")
+    (labels / "0012-L.txt").write_text("1,1,2,1\n")  # its video is missing from the copy
     pku = build_pku_views(videos, labels, "L")
     row = next(e for e in pku.entries if e.video_id == "M/0002-M_002")
     assert (row.label, row.start_frame, row.end_frame, row.split, Path(row.path).name) == \
         ("A41", 100, 160, "test", "0002-M.avi")
-    assert {e.split for e in pku.entries if e.domain == "L"} <= {"train", "val"} and pku.missing == ["0003-L"]
+    assert pku.missing == ["0012-L"]
+    splits: dict[str, set[str]] = {}
+    for entry in pku.entries:
+        if entry.domain == "L":
+            splits.setdefault(entry.attrs["recording"], set()).add(entry.split)
+    assert all(len(split) == 1 for split in splits.values())  # a recording's actions never straddle train and val
+    assert sorted(split for (split,) in splits.values()) == ["train"] * 7 + ["val"] * 3  # 70/30 of 10 recordings
 
 
 def test_generic_builder_domain_from_pattern_label_from_parent_folder(tmp_path):
