@@ -12,6 +12,7 @@ the video's name instead (``ucf_hmdb``, ``epic_kitchens``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -47,7 +48,7 @@ def _read_lines(path: Path, columns: str) -> list[tuple[int, list[str]]]:
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=count - 1)
-        if len(parts) != count or not all(part.lstrip("-").isdigit() for part in parts[1:]):
+        if len(parts) != count or not all(re.fullmatch(r"-?[0-9]+", part) for part in parts[1:]):
             raise ValueError(f"{path}:{number}: expected '{columns}', got {line.strip()!r}")
         rows.append((number, parts))
     if not rows:

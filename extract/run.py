@@ -91,9 +91,9 @@ def store_provenance(config: ExtractConfig, backbone: Backbone) -> dict:
     """``features`` must match for a resume; ``software`` is recorded, not compared."""
     sampling = Sampling.parse(config.sampling)
     features = {**backbone.provenance(), "map_shape": list(backbone.map_shape()), "sampling": str(sampling),
-                "dtype": config.dtype, "stream": config.stream,
-                # with it a video that breaks part-way is stored (flagged partial), without it a failure
-                "keep_partial": config.keep_partial}
+                "dtype": config.dtype, "stream": config.stream}
+    if config.keep_partial:  # a video that breaks part-way is then stored (flagged partial), not a failure.
+        features["keep_partial"] = True  # Recorded only when on, so stores made before the option still resume.
     if sampling.kind == "fps":  # --fps is a frame directory's frame rate, so it decides which frames fps:F takes
         features["frame_dir_fps"] = FRAME_DIR_FPS if config.fps is None else config.fps
     software = {key: features.pop(key) for key in ("torch", "torchvision") if key in features}

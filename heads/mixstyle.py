@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from heads.base import HeadError
+
 
 def mix_video_styles(x: Tensor, lam: Tensor, partner: Tensor, eps: float = 1e-6) -> Tensor:
     """Re-style each video of maps [B, N, H, W, C] with its style mixed with ``partner``'s: [B, N, H, W, C].
@@ -27,10 +29,20 @@ def mix_video_styles(x: Tensor, lam: Tensor, partner: Tensor, eps: float = 1e-6)
 def crosshalf_partners(batch_size: int) -> Tensor:
     """The STDN code's pairing (MixStyle's "crossdomain"): the first half of the batch mixes with the second.
 
-    The reversed order is cut in two and each half shuffled, so video b's partner always lies in the other half.
+    The first half is the first ⌊B/2⌋ videos. Each half takes its partners from the other half, shuffled, so a
+    video's partner always lies in the other half and is never itself. With an odd B the second half has one
+    video more: the first half's partners are distinct videos of the second, and the second half's last video
+    takes a random video of the first. (The official code cuts the reversed order with ``chunk(2)``, which for an
+    odd B puts the middle video in both halves, so it is sometimes paired with itself.) For an even B the draws
+    are the official code's, partner for partner.
     """
-    first, second = torch.arange(batch_size - 1, -1, -1).chunk(2)
-    return torch.cat([first[torch.randperm(len(first))], second[torch.randperm(len(second))]])
+    if batch_size < 2:
+        raise HeadError(f"crosshalf pairing needs batch_size >= 2 (one video per half), got {batch_size}")
+    half = batch_size // 2
+    order = torch.arange(batch_size - 1, -1, -1)          # the official code's reversed order
+    second, first = order[:batch_size - half], order[batch_size - half:]
+    # repeat(2)[:len(second)]: the first half shuffled; an odd B's extra video reuses its first draw
+    return torch.cat([second[torch.randperm(len(second))[:half]], first[torch.randperm(half).repeat(2)[:len(second)]]])
 
 
 class VideoMixStyle(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -276,6 +277,22 @@ COMPONENTS = {
                       "'Full STDN'); needs temporal_relations; off: plain sum of the scales",
 }
 
+# STDN's hyper-parameters whose valid values are narrower than their type: name -> (test, the range in words).
+# Checked whether or not the component that reads them is on. num_groups >= 2: spatial relations start at
+# pairs of groups, and Fig. 5's K-means needs two clusters.
+_AT_LEAST_ONE: tuple[Callable[[float], bool], str] = (lambda v: v >= 1, ">= 1")
+HPARAM_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "num_groups": (lambda v: v >= 2, ">= 2"),
+    "tau": (lambda v: v > 0, "> 0"),
+    **{name: _AT_LEAST_ONE for name in ("anchor_hidden", "spatial_dim", "spatial_tuples", "temporal_dim",
+                                        "temporal_tuples", "se_hidden", "relation_hidden")},
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "mixstyle_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mixstyle_alpha": (lambda v: v > 0, "> 0"),
+    "lambda_ent": (lambda v: v >= 0, ">= 0"),
+    "lambda_rel": (lambda v: v >= 0, ">= 0"),
+}
+
 
 @dataclass(frozen=True)
 class Encoding:
@@ -353,7 +370,7 @@ class STDN(Head):
     def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
         super().__init__(feat_shape, num_classes, num_segments, hparams)
         h = self.hparams
-        self._check_components()
+        self._check_hparams()
         self.mixstyle = (VideoMixStyle(h["mixstyle_p"], h["mixstyle_alpha"], h["mixstyle_pairing"])
                          if h["mixstyle"] else None)
         temporal = h["temporal_relations"]
@@ -373,8 +390,12 @@ class STDN(Head):
             self.classifier = nn.Sequential(nn.Dropout(h["dropout"]), nn.Linear(frame_dim, num_classes))
         self.optimizer = self.make_optimizer(self.parameters())
 
-    def _check_components(self) -> None:
+    def _check_hparams(self) -> None:
         h = self.hparams
+        for name, (valid, valid_range) in HPARAM_RANGES.items():
+            if not valid(h[name]):
+                raise HeadError(f"head '{self.name}': hyper-parameter {name}={h[name]!r} is out of range; it must "
+                                f"be {valid_range}")
         if h["spatial_relations"] and not h["grouping"]:
             raise HeadError(f"head '{self.name}': spatial_relations=true needs grouping=true (relations are between "
                             f"the SGM's groups)")
@@ -443,7 +464,8 @@ class STDN(Head):
 
         ``relation_nmse`` (Fig. 4, with temporal relations): :func:`scale_nmse` of z̃, averaged over videos.
         ``kmeans_db_index`` (Fig. 5's reference, every variant): Davies-Bouldin index of each frame's HW cached
-        position features clustered into K groups by :func:`kmeans`, averaged over frames.
+        position features clustered into K groups by :func:`kmeans`, averaged over frames; NaN when HW < K
+        (e.g. 1x1 maps), where K-means is undefined.
         ``group_db_index`` (Fig. 5, with grouping): the same positions clustered by their most likely SGM group,
         averaged over frames with at least two non-empty groups (NaN if none); ``groups_used``: non-empty groups
         per frame. The cached positions are fixed, so the K-means index is a property of the cache (the same for
@@ -456,7 +478,8 @@ class STDN(Head):
             results["relation_nmse"] = scale_nmse(encoding.relations).mean().item()
         positions = x.flatten(0, 1).flatten(1, 2)                                           # [B·N, HW, C]
         k = self.hparams["num_groups"]
-        results["kmeans_db_index"] = davies_bouldin(positions, kmeans(positions, k), k).nanmean().item()
+        results["kmeans_db_index"] = (davies_bouldin(positions, kmeans(positions, k), k).nanmean().item()
+                                      if positions.shape[1] >= k else torch.nan)     # K-means starts from K points
         if encoding.log_assignments:
             labels = [log_assign.argmax(dim=-1) for log_assign in encoding.log_assignments]
             index = torch.cat([davies_bouldin(positions, label, k) for label in labels])

@@ -4,12 +4,12 @@ Everything runs on a laptop CPU in minutes: a random-init ResNet-18 at a small f
 synthetic dataset (classes defined by motion, a background colour that gives the class away in the source domain
 only), then every head trains in each protocol it supports. Re-running reuses the videos and the store (the
 extraction resumes) and each head's run: a finished run as it is, a killed one resumed; a run made with other
-settings (another --epochs, say) is deleted and retrained.
+settings (another --epochs, say) is moved aside (``<run>.replaced-<time>``) and retrained.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +93,10 @@ def train_or_reuse(config: TrainConfig, echo=print) -> dict:
     try:
         return train(config, resume=True)
     except RunMismatch as mismatch:  # the trainer refuses to resume a run made with other settings
-        echo(f"retraining {label}: its {mismatch.key} changed since the run in {config.out}")
-        shutil.rmtree(config.out)
+        kept = Path(config.out).with_name(f"{Path(config.out).name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        echo(f"retraining {label}: its {mismatch.key} changed since the run in {config.out}; "
+             f"the old run is kept as {kept}")
+        Path(config.out).rename(kept)  # nothing already computed is lost
         return train(config)
 
 

@@ -157,7 +157,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
             optimizer.load_state_dict(saved)
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda":  # a run saved on another machine may have had more devices
-            for index, cuda_state in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+            for index, cuda_state in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(cuda_state, index)
         history, start_epoch = state["history"], state["epoch"] + 1
         log.info("resumed after epoch %d", state["epoch"])
@@ -270,5 +270,7 @@ def _check_same_run(path: Path, run_record: dict) -> None:
 def _log_to(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for previous in log.handlers:  # the previous run's log file, when one process trains several runs
+        previous.close()
     log.handlers = [handler]
     log.setLevel(logging.INFO)

@@ -52,6 +52,8 @@ def test_demo_retrains_on_other_epochs_and_resumes_a_killed_run(demo_out, tmp_pa
     longer = CliRunner().invoke(main, [*arguments, "--epochs", "2"])  # the copied runs have 1 epoch
     assert longer.exit_code == 0, longer.output
     assert "retraining tempooling (dg): its head_hparams changed" in longer.output
+    replaced = list((out / "runs").glob("tempooling-dg.replaced-*"))
+    assert len(replaced) == 1 and json.loads((replaced[0] / "metrics.json").read_text())["final"]["epochs_run"] == 1
     assert epochs_run(out, "tempooling-dg") == epochs_run(out, "tempooling-da") == 2
 
     command = [sys.executable, "-m", "pipelines.cli", *arguments, "--epochs", "30"]

@@ -73,7 +73,7 @@ def test_diagnose_run_writes_mmd_discriminator_and_head_measures(ta3n_run):
 def test_diagnose_command_reports_and_fails_cleanly(ta3n_run):
     run, store, manifest = ta3n_run
     base = [str(run), "--store", str(store), "--manifest", str(manifest)]
-    result = CliRunner().invoke(diagnose, base + ["--split", "val"])
+    result = CliRunner().invoke(diagnose, base + ["--split", "val", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "src vs tgt (val, 12 + 12 videos): MMD²" in result.output
     assert json.loads((run / "diagnose.json").read_text())["split"] == "val"

@@ -151,6 +151,8 @@ def test_resume_skips_done_videos_and_refuses_changed_settings(good_dataset, tmp
                    dict(dtype="float32"), dict(sampling="uniform:3"), dict(keep_partial=True)):
         with pytest.raises(StoreError, match="extracted with different settings"):
             run_extract(replace(config, **change), show_progress=False)
+    # Settings added later are recorded only when not at their default, so older stores still resume.
+    assert "keep_partial" not in FeatureStore.open(tmp_path / "store").provenance()["features"]
 
 
 def test_fps_is_the_rate_of_frame_directories_only_and_fixed_by_the_first_run(tmp_path):

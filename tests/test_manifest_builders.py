@@ -274,6 +274,8 @@ def test_dg_videodg_lists_and_their_renamed_hmdb_frames(ucf_hmdb, tmp_path):
                                               r"\(shared class 'shoot_bow'\), but the list labels it 'climb'"),
     ("UCF101/frames/clip_0001 171 0", r"ucf_train.txt:1: 'clip_0001' is not a UCF101 video of the 12 classes"),
     ("UCF101/frames/v_Archery_g08_c01 171", r"ucf_train.txt:1: expected '<path> <num_frames> <class_id>'"),
+    ("UCF101/frames/v_Archery_g08_c01 1\u00b2 0", r"ucf_train.txt:1: expected '<path> <num_frames> <class_id>'"),
+    ("UCF101/frames/v_Archery_g08_c01 --5 0", r"ucf_train.txt:1: expected '<path> <num_frames> <class_id>'"),
 ])
 def test_dg_list_errors_name_the_line(ucf_hmdb, tmp_path, line, message):
     ucf, _, hmdb, _ = ucf_hmdb

@@ -1,8 +1,10 @@
 """Video MixStyle (heads/mixstyle.py): statistics mixed as specified, identity at evaluation and with p = 0."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from heads import HeadError
 from heads.mixstyle import VideoMixStyle, crosshalf_partners, mix_video_styles
 
 
@@ -34,3 +36,23 @@ def test_crosshalf_partners_pair_the_two_halves():
     partners = crosshalf_partners(8).tolist()
     assert sorted(partners) == list(range(8))
     assert set(partners[:4]) == {4, 5, 6, 7} and set(partners[4:]) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("batch_size", [3, 5])
+def test_crosshalf_partners_of_an_odd_batch_lie_in_the_other_half(batch_size):
+    torch.manual_seed(0)
+    half = batch_size // 2                                      # B = 5: first half {0, 1}, second half {2, 3, 4}
+    extra_partners = set()
+    for _ in range(20):
+        partners = crosshalf_partners(batch_size).tolist()
+        assert len(partners) == batch_size
+        assert all((video < half) != (partner < half) for video, partner in enumerate(partners))   # never itself
+        assert len(set(partners[:half])) == half                # the first half's partners are distinct
+        assert set(partners[half:]) == set(range(half))         # every first-half video is someone's partner
+        extra_partners.add(partners[-1])
+    assert extra_partners == set(range(half))                   # the extra video's partner is drawn at random
+
+
+def test_crosshalf_partners_need_two_videos():
+    with pytest.raises(HeadError, match="batch_size >= 2"):
+        crosshalf_partners(1)

@@ -294,6 +294,20 @@ def test_diagnostics_and_video_features_of_each_variant():
             assert torch.allclose(head.classifier(head.video_features(x)), head(x))
 
 
+def test_diagnostics_on_1x1_maps_leave_the_undefined_indices_nan():
+    x = torch.rand(2, NUM_SEGMENTS, 1, 1, 16)                              # one position per frame, K = 3 groups
+    for name in ("stdn", "tsn-maps"):
+        head = build(name, (1, 1, 16), 3, NUM_SEGMENTS, SMALL).eval()
+        results = head.diagnostics(x)
+        assert math.isnan(results["kmeans_db_index"])                    # K-means needs K points per frame
+        if name == "stdn":
+            assert math.isnan(results["group_db_index"])                 # one position: one non-empty group
+            assert results["groups_used"] == 1.0 and math.isfinite(results["relation_nmse"])
+        # the NaN batch is left out of the mean over videos; alone it stays NaN
+        means = mean_over_videos([(2, results), (1, {**results, "kmeans_db_index": 0.5})])
+        assert means["kmeans_db_index"] == 0.5
+
+
 # --------------------------------------------------------------------------------- heads and training
 
 def test_variants_switch_on_the_components_of_table3():
@@ -314,6 +328,28 @@ def test_bad_component_combinations_and_shapes_are_clear_errors():
         build("stdn", (16,), 3, NUM_SEGMENTS, {})
     with pytest.raises(HeadError, match=r"\(N, H, W, C\) = \(3, 3, 3, 16\)"):
         stdn()(torch.zeros(2, 5, *MAP_SHAPE))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"num_groups": 1}, "num_groups=1 is out of range; it must be >= 2"),
+    ({"spatial_tuples": 0}, "spatial_tuples=0 is out of range; it must be >= 1"),
+    ({"temporal_tuples": 0}, "temporal_tuples=0 is out of range; it must be >= 1"),
+    ({"tau": 0.0}, r"tau=0.0 is out of range; it must be > 0"),
+    ({"anchor_hidden": 0}, "anchor_hidden=0 is out of range; it must be >= 1"),
+    ({"spatial_dim": 0}, "spatial_dim=0 is out of range; it must be >= 1"),
+    ({"temporal_dim": -1}, "temporal_dim=-1 is out of range; it must be >= 1"),
+    ({"se_hidden": 0}, "se_hidden=0 is out of range; it must be >= 1"),
+    ({"relation_hidden": 0}, "relation_hidden=0 is out of range; it must be >= 1"),
+    ({"dropout": 1.0}, r"dropout=1.0 is out of range; it must be in \[0, 1\)"),
+    ({"mixstyle_p": 1.5}, r"mixstyle_p=1.5 is out of range; it must be in \[0, 1\]"),
+    ({"mixstyle_alpha": 0.0}, "mixstyle_alpha=0.0 is out of range; it must be > 0"),
+    ({"lambda_ent": -0.1}, "lambda_ent=-0.1 is out of range; it must be >= 0"),
+    ({"lambda_rel": -1.0}, "lambda_rel=-1.0 is out of range; it must be >= 0"),
+])
+def test_out_of_range_hparams_are_clear_errors(override, message):
+    with pytest.raises(HeadError, match=f"head 'stdn': hyper-parameter {message}"):
+        stdn(**override)
+    stdn(**{name: 2 if isinstance(value, int) else 0.5 for name, value in override.items()})   # in range: builds
 
 
 def test_per_scale_copies_multiply_the_spatial_modules():
