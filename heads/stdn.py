@@ -7,7 +7,7 @@ Where the equations live:
   ``grouping_losses``.
 - STRM (§3.4): eq. 5 ``SpatialRelations``; G and the frame feature ``FrameEncoder``; eq. 6 ``TemporalRelations``;
   eq. 7 ``relation_labels`` and ``STDN.update``; H^a_m ``SqueezeExcite``; eq. 8 ``STDN.update``.
-- §4.2 diagnostics: Fig. 4 ``scale_nmse``; Fig. 5 ``davies_bouldin`` and ``kmeans``.
+- §4.2 diagnostics: Fig. 4 ``scale_nmse``; Fig. 5 ``davies_bouldin`` and ``kmeans`` (``heads/clustering.py``).
 
 Defaults, the ``official`` preset and every deviation from the paper and the official code: docs/heads_stdn.md.
 """
@@ -23,12 +23,12 @@ from torch import Tensor, nn
 
 from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, Head, HeadError, HParam, LabelledBatch,
                         UnlabelledBatch, register)
+from heads.clustering import davies_bouldin, kmeans
 from heads.common import entropy, mlp, ordered_tuples
 from heads.mixstyle import VideoMixStyle
 
 GROUP_EPS = 1e-6         # eq. 2's denominator (official code: ``ws_sum + 1e-6``)
 OFFICIAL_LOG_EPS = 1e-5  # the official code's entropy: -sum p log(p + 1e-5)
-KMEANS_ITERATIONS = 10   # Lloyd steps of Fig. 5's reference clustering (the paper does not say)
 
 # ----------------------------------------------------------------------------------------------------------
 # Spatial Grouping Module (§3.3)
@@ -216,48 +216,6 @@ def scale_nmse(relations: Tensor) -> Tensor:
     squared = (unit[:, :, None] - unit[:, None]).pow(2).sum(dim=-1)                   # [B, S, S], 0 on the diagonal
     num_scales = relations.shape[1]
     return squared.sum(dim=(1, 2)) / (num_scales * (num_scales - 1))
-
-
-def davies_bouldin(points: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
-    """Davies-Bouldin index of each set (Fig. 5; as scikit-learn): points [..., P, D], labels [..., P] -> [...].
-
-    S_k is the mean distance of cluster k's points to their centroid, M_kj the distance between centroids,
-    DB = mean over clusters of max_{j != k} (S_k + S_j) / M_kj, over non-empty clusters; lower is better
-    separated. Two clusters with the same centroid (M_kj = 0) give their pair 0, as scikit-learn does (it sets
-    M_kj = inf). NaN for a set with fewer than two non-empty clusters.
-    """
-    members = F.one_hot(labels, num_clusters).to(points.dtype)                       # [..., P, K]
-    counts = members.sum(dim=-2)                                                      # [..., K]
-    centroids = members.transpose(-1, -2) @ points / counts.clamp(min=1)[..., None]   # [..., K, D]
-    distances = (points - members @ centroids).norm(dim=-1)                           # to own centroid, [..., P]
-    spread = (members * distances[..., None]).sum(dim=-2) / counts.clamp(min=1)       # S_k, [..., K]
-    separation = (centroids[..., :, None, :] - centroids[..., None, :, :]).norm(dim=-1)   # M_kj, [..., K, K]
-    present = counts > 0
-    pairs = present[..., :, None] & present[..., None, :] & ~torch.eye(num_clusters, dtype=torch.bool,
-                                                                       device=points.device)
-    ratio = torch.where(separation > 0, (spread[..., :, None] + spread[..., None, :]) / separation, 0.0)
-    worst = ratio.masked_fill(~pairs, -torch.inf).amax(dim=-1).masked_fill(~present, 0.0)   # [..., K]
-    clusters = present.sum(dim=-1)
-    return torch.where(clusters >= 2, worst.sum(dim=-1) / clusters.clamp(min=1), torch.nan)
-
-
-def kmeans(points: Tensor, num_clusters: int, iterations: int = KMEANS_ITERATIONS, seed: int = 0) -> Tensor:
-    """Lloyd's K-means of each set, as Fig. 5 clusters spatial features: points [F, P, D] -> labels [F, P].
-
-    Starts from ``num_clusters`` distinct points of each set, drawn with a generator seeded by ``seed`` (so it is
-    repeatable), then ``iterations`` times assigns each point to its nearest centroid and moves each centroid to
-    its members' mean (a cluster left empty keeps its centroid).
-    """
-    if points.shape[1] < num_clusters:
-        raise ValueError(f"kmeans needs at least {num_clusters} points per set, got {points.shape[1]}")
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.rand(points.shape[:2], generator=generator).argsort(dim=1)[:, :num_clusters]       # [F, K]
-    centroids = points.gather(1, start.to(points.device)[..., None].expand(-1, -1, points.shape[2]))
-    for _ in range(iterations):
-        members = F.one_hot(torch.cdist(points, centroids).argmin(dim=-1), num_clusters).to(points.dtype)
-        counts = members.sum(dim=1)[..., None]                                                    # [F, K, 1]
-        centroids = torch.where(counts > 0, members.transpose(1, 2) @ points / counts.clamp(min=1), centroids)
-    return torch.cdist(points, centroids).argmin(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

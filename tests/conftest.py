@@ -96,3 +96,10 @@ def make_feature_store(root: Path, map_shape=(2, 2, 8), classes=("a", "b", "c"),
         writer.writeheader()
         writer.writerows(rows)
     return root / "store", manifest
+
+
+def rows_by_id(path: Path) -> dict:
+    """A manifest's rows as {video_id: VideoEntry} (the manifest builder tests)."""
+    from extract.manifest import read_manifest
+
+    return {entry.video_id: entry for entry in read_manifest(path)}

@@ -9,8 +9,7 @@ import torch
 from conftest import make_feature_store
 from heads import HeadError, LabelledBatch, available, build
 from heads.stdn import (COMPONENTS, SpatialGrouping, SpatialRelations, SqueezeExcite, TemporalRelations,
-                        assign_to_anchors, davies_bouldin, group_weights, grouping_losses, kmeans, pick_tuples,
-                        relation_labels, scale_nmse)
+                        assign_to_anchors, group_weights, grouping_losses, pick_tuples, relation_labels, scale_nmse)
 from pipelines.diagnose import diagnose_run, mean_over_videos
 
 VARIANTS = ["tsn-maps", "stdn-sgm", "stdn-trm", "stdn-strm", "stdn-mixstyle", "stdn"]
@@ -236,35 +235,6 @@ def test_frame_feature_is_k_minus_1_spatial_relations_and_g_of_width_k_times_ds(
 
 
 # ---------------------------------------------------------------------------------------- diagnostics
-
-def test_davies_bouldin_matches_a_hand_computation():
-    points = torch.tensor([[0.0], [2.0], [10.0], [12.0], [20.0]])           # clusters {0, 2}, {10, 12}, {20}
-    labels = torch.tensor([0, 0, 1, 1, 3])                                   # cluster 2 is empty
-    # S = (1, 1, 0); centroid distances 10 (A-B), 19 (A-C), 9 (B-C); R_AB = 0.2, R_AC = 1/19, R_BC = 1/9
-    expected = (0.2 + 0.2 + 1 / 9) / 3
-    assert davies_bouldin(points, labels, 4).item() == pytest.approx(expected, rel=1e-6)
-    batched = davies_bouldin(torch.stack([points, points]), torch.stack([labels, torch.zeros(5, dtype=torch.long)]), 4)
-    assert batched[0].item() == pytest.approx(expected, rel=1e-6) and math.isnan(batched[1].item())
-
-
-def test_davies_bouldin_gives_a_pair_with_the_same_centroid_zero_as_scikit_learn():
-    points = torch.tensor([[-1.0], [1.0], [0.0], [0.0], [10.0], [12.0]])   # A = {-1, 1}, B = {0, 0}, C = {10, 12}
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    # S = (1, 0, 1); M_AB = 0 -> R_AB = 0 (scikit-learn: M = inf); R_AC = 2/11, R_BC = 1/11
-    assert davies_bouldin(points, labels, 3).item() == pytest.approx((2 / 11 + 1 / 11 + 2 / 11) / 3, rel=1e-6)
-    identical = davies_bouldin(torch.zeros(4, 2), torch.tensor([0, 0, 1, 1]), 2)    # scikit-learn: 0.0
-    assert identical.item() == 0.0
-
-
-def test_kmeans_finds_separated_clusters_repeatably():
-    points = torch.tensor([[[0.0], [10.0], [1.0], [11.0]], [[5.0], [5.0], [-5.0], [-4.0]]])   # two frames
-    labels = kmeans(points, 2)
-    for frame, (a, b) in zip(labels.tolist(), ([0, 2], [0, 1])):
-        assert frame[a] == frame[b] and len(set(frame)) == 2
-    assert torch.equal(kmeans(points, 2), labels)
-    # frame 0: S = (0.5, 0.5), M = 10 -> 0.1; frame 1: S = (0, 0.5), M = 9.5 -> 0.5 / 9.5
-    assert davies_bouldin(points, labels, 2).tolist() == pytest.approx([0.1, 0.5 / 9.5], rel=1e-6)
-
 
 def test_diagnose_averages_each_measure_over_the_batches_where_it_is_defined():
     batches = [(2, {"group_db_index": 1.0, "groups_used": 2.0}), (3, {"group_db_index": math.nan, "groups_used": 1.0}),
