@@ -1,12 +1,13 @@
-"""Cost of the STDN heads on ResNet-50 layer4 maps (7x7x2048, N=5 segments): parameters, time and memory.
+"""Cost of the STDN architectures on ResNet-50 layer4 maps (7x7x2048, N=5 segments): parameters, time, memory.
 
     python benchmarks/stdn.py [--batch 8 32] [--steps 3] [--heads stdn tsn-maps ...] [--per-scale]
         [--device auto|cpu|cuda]
 
-Each measurement runs in a fresh process, so that its peak memory is its own: one warm-up update, then
+Each architecture is trained by ERM, i.e. on STDN's eq. 8 (``build(arch, "erm", ...)``). Each measurement runs
+in a fresh process, so that its peak memory is its own: one warm-up update, then
 ``--steps`` timed updates on a random batch (CUDA synchronised), on the CPU with torch's default threads or on
 the GPU. "peak" is the process's peak RSS on the CPU (``ru_maxrss``) and the peak allocated GPU memory on CUDA;
-"over model" subtracts the value once the head and the batch exist, leaving the activations, gradients and
+"over model" subtracts the value once the model and the batch exist, leaving the activations, gradients and
 optimiser state of an update. An epoch is estimated for UCF101's DG train list (1,603 videos, STDN's
 ``ucf_train``) at the measured time per update.
 """
@@ -45,33 +46,33 @@ def synchronize(device: torch.device) -> None:
 
 
 def build(name: str, spatial_modules: str, batch: int):
-    import heads.stdn  # noqa: F401  (registers the STDN heads)
-    from heads import build as build_head
+    """Architecture ``name`` trained by ERM (STDN's eq. 8)."""
+    from heads import build as build_model
 
-    return build_head(name, MAP_SHAPE, NUM_CLASSES, NUM_SEGMENTS, {"spatial_modules": spatial_modules,
-                                                                  "batch_size": batch})
+    return build_model(name, "erm", MAP_SHAPE, NUM_CLASSES, NUM_SEGMENTS, {"spatial_modules": spatial_modules,
+                                                                          "batch_size": batch})
 
 
 def measure(name: str, spatial_modules: str, batch: int, steps: int, device: torch.device) -> dict:
-    """Time and memory of ``steps`` updates of one head, in this process."""
+    """Time and memory of ``steps`` updates of one architecture, in this process."""
     from heads import LabelledBatch
 
     torch.manual_seed(0)
-    head = build(name, spatial_modules, batch).to(device).train()
+    model = build(name, spatial_modules, batch).to(device).train()
     maps = torch.rand(batch, NUM_SEGMENTS, *MAP_SHAPE, device=device)   # non-negative, like post-ReLU layer4 maps
     src = LabelledBatch(maps, torch.randint(NUM_CLASSES, (batch,), device=device))
     synchronize(device)
     before = peak_mib(device)
-    head.update(src, None, 0.0)                              # warm-up: allocates gradients and momentum
+    model.update(src, None, 0.0)                             # warm-up: allocates gradients and momentum
     synchronize(device)
     started = time.perf_counter()
     for step in range(steps):
-        head.update(src, None, step / steps)
+        model.update(src, None, step / steps)
     synchronize(device)
     per_update = (time.perf_counter() - started) / steps
     with torch.no_grad():
         started = time.perf_counter()
-        head.eval()(maps)
+        model.eval().predict(maps)
         synchronize(device)
         per_eval = time.perf_counter() - started
     peak = peak_mib(device)
@@ -87,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--heads", nargs="+", default=HEADS)
+    parser.add_argument("--heads", nargs="+", default=HEADS, help="architectures to measure")
     parser.add_argument("--per-scale", action="store_true", help="also measure stdn with per-scale copies")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--measure", nargs=3, metavar=("HEAD", "MODULES", "BATCH"), help=argparse.SUPPRESS)
@@ -106,7 +107,7 @@ def main() -> None:
     configs = [(name, "shared") for name in args.heads] + ([("stdn", "per_scale")] if args.per_scale else [])
     print(f"maps {'x'.join(map(str, MAP_SHAPE))}, N={NUM_SEGMENTS}, {NUM_CLASSES} classes, {where}, "
           f"torch {torch.__version__}\n")
-    print("| head | spatial modules | parameters | batch | s / update | s / epoch (1,603 videos) "
+    print("| architecture | spatial modules | parameters | batch | s / update | s / epoch (1,603 videos) "
           f"| s / eval batch | {memory} | over model MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, modules in configs:

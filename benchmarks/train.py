@@ -9,11 +9,12 @@ maps cost 200 KB a step in float16, so 2278 videos x 8 steps is already 3.8 GB r
 and zarr writes about a thousand one-step chunks a second on a 2-core CPU, so 100 pooled steps would take minutes.
 
 One epoch is what ``vidshift train`` runs, evaluation, checkpoints and logging left out: a pass over the source
-in batches of the head's batch size (trn: 128) with, for a head that adapts (``da``), a target batch beside each
-(the trainer's ratio: 74); 5 TSN segments per video at random steps, planned by ``FeatureSet.epoch_plans``,
+in batches of the model's batch size (trn: 128) with, for a method that needs a target (``da`` only), a target
+batch beside each (the trainer's ratio: 74); 5 TSN segments per video at random steps, planned by ``FeatureSet.epoch_plans``,
 fetched by ``pipelines.data.iterate`` (--workers DataLoader processes per domain when streaming) and fed to
-``head.update``. The pooled features train --head (default ``trn``); the maps train the first registered head
-that reads maps, or, when there is none, the data path alone is timed (read and batch, both domains).
+``model.update``. The pooled features train --method (default ``erm``) on architecture --head (default ``trn``);
+the maps train it on the first registered architecture that reads maps, or, when there is none, the data path
+alone is timed (read and batch, both domains).
 
     .venv/bin/python benchmarks/train.py                                # the sizes above; ~10 min on 2 CPU cores
     .venv/bin/python benchmarks/train.py --scale 0.25 --arrays pooled   # a quick look
@@ -120,8 +121,8 @@ def time_epochs(store: FeatureStore, array: str, feat_shape: tuple[int, ...], pl
     """
     source_entries, target_entries = entries
     class_index = {label: i for i, label in enumerate(sorted({e.label for e in source_entries}))}
-    head_cls = heads.available()[head_name] if head_name else None
-    adapting = head_cls is None or "da" in head_cls.settings  # the data path alone reads both domains
+    method_cls = heads.methods()[args.method] if head_name else None
+    adapting = method_cls is None or "dg" not in method_cls.settings  # the data path alone reads both domains
     source = FeatureSet(store, source_entries, array, class_index)
     target = FeatureSet(store, target_entries, array, class_index, labelled=False) if adapting else None
 
@@ -130,10 +131,10 @@ def time_epochs(store: FeatureStore, array: str, feat_shape: tuple[int, ...], pl
     load_seconds = time.perf_counter() - started if place == "memory" else 0.0
 
     head, batch_size = None, args.batch_size or DATA_ONLY_BATCH
-    if head_cls is not None:
+    if method_cls is not None:
         torch.manual_seed(0)
         overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-        head = heads.build(head_name, feat_shape, len(class_index), args.segments, overrides)
+        head = heads.build(head_name, args.method, feat_shape, len(class_index), args.segments, overrides)
         head.to(device).train()
         batch_size = head.hparams["batch_size"]
     batches = math.ceil(len(source) / batch_size)
@@ -162,15 +163,16 @@ def time_epochs(store: FeatureStore, array: str, feat_shape: tuple[int, ...], pl
 
 
 def maps_head(requested: str) -> str | None:
-    """The maps head to time: the one asked for, the first registered (auto), or None (data path only)."""
-    registry = heads.available()
+    """The maps architecture to time: the one asked for, the first registered (auto), or None (data path only)."""
+    registry = heads.architectures()
     if requested == "auto":
         return next((name for name, cls in registry.items() if cls.input == "maps"), None)
     if requested == "none":
         return None
     if requested not in registry or registry[requested].input != "maps":
         readers = [name for name, cls in registry.items() if cls.input == "maps"] or ["none registered"]
-        raise ValueError(f"--maps-head {requested!r}: not a registered head reading maps ({', '.join(readers)})")
+        raise ValueError(f"--maps-head {requested!r}: not a registered architecture reading maps "
+                         f"({', '.join(readers)})")
     return requested
 
 
@@ -179,10 +181,11 @@ def maps_head(requested: str) -> str | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--head", default="trn", help="head trained on the pooled features")
+    parser.add_argument("--head", default="trn", help="architecture trained on the pooled features")
+    parser.add_argument("--method", default="erm", help="method training both architectures")
     parser.add_argument("--maps-head", default="auto",
-                        help="head trained on the maps: auto (the first registered maps head), a name, or none "
-                             "(time the data path alone)")
+                        help="architecture trained on the maps: auto (the first registered maps architecture), a "
+                             "name, or none (time the data path alone)")
     parser.add_argument("--source-videos", type=int, default=1438, help="UCF-HMDB_full: UCF train")
     parser.add_argument("--target-videos", type=int, default=840, help="UCF-HMDB_full: HMDB train")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies both video counts (quick runs)")
@@ -194,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--map-size", type=int, default=7, help="maps are MAP_SIZE x MAP_SIZE x CHANNELS")
     parser.add_argument("--segments", type=int, default=5, help="TSN segments per video")
     parser.add_argument("--batch-size", type=int,
-                        help=f"source videos per update; default: each head's own (trn: 128, TA3N §7.3), "
+                        help=f"source videos per update; default: each model's own (trn: 128, TA3N §7.3), "
                              f"{DATA_ONLY_BATCH} for the data path alone")
     parser.add_argument("--arrays", default="both", choices=("both", "pooled", "maps"))
     parser.add_argument("--format", default="both", choices=("both", *BACKENDS))
@@ -210,9 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.maps_head = maps_head(args.maps_head)
     except ValueError as error:
         parser.error(str(error))
-    if args.head not in heads.available() or heads.available()[args.head].input != "pooled":
-        readers = [name for name, cls in heads.available().items() if cls.input == "pooled"]
-        parser.error(f"--head {args.head!r}: not a registered head reading pooled features ({', '.join(readers)})")
+    if args.head not in heads.architectures() or heads.architectures()[args.head].input != "pooled":
+        readers = [name for name, cls in heads.architectures().items() if cls.input == "pooled"]
+        parser.error(f"--head {args.head!r}: not a registered architecture reading pooled features "
+                     f"({', '.join(readers)})")
+    if args.method not in heads.methods():
+        parser.error(f"--method {args.method!r}: not a registered method ({', '.join(heads.methods())})")
     if min(args.classes, args.pooled_steps, args.map_steps, args.channels, args.map_size, args.segments,
            args.batch_size or 1, args.epochs) < 1 or args.workers < 0:
         parser.error("sizes must be >= 1 and --workers >= 0")

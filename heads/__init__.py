@@ -1,11 +1,17 @@
-"""Stage-two heads: DA/DG models trained from cached features (DESIGN §5).
+"""Stage-two models: architectures (``heads/architecture.py``) trained by methods (``heads/method.py``).
 
-Importing this package registers every head; ``available()`` lists them and ``build(name, ...)`` makes one.
-A new head is one file in this package, decorated with ``@register``, plus its import line below.
+Importing this package registers every architecture and method; ``build(arch, method, ...)`` makes one. A new
+method is one file in this package, decorated with ``@register_method``, plus its import line below (a new
+architecture: ``@register_architecture``, the same way).
 """
-from heads.base import (Head, HeadError, HParam, LabelledBatch, UnlabelledBatch, available, build, register,
-                        resolve_hparams)
-from heads import da_baselines, pooling, stdn, ta3n, trn  # noqa: F401  (importing a head's module registers it)
+from heads.architecture import Architecture, Encoding, architectures, register_architecture
+from heads.base import HeadError, HParam, LabelledBatch, UnlabelledBatch
+from heads.method import (Method, Preset, build, methods, preset, presets_for, register_method, register_preset,
+                          resolve_hparams)
+# importing a module registers what it defines; architectures first, then the methods over them
+from heads import pooling, trn, stdn  # noqa: F401,E402
+from heads import erm, ta3n, da_baselines, dg_baselines  # noqa: F401,E402
 
-__all__ = ["Head", "HeadError", "HParam", "LabelledBatch", "UnlabelledBatch", "available", "build", "register",
-           "resolve_hparams"]
+__all__ = ["Architecture", "Encoding", "HeadError", "HParam", "LabelledBatch", "Method", "Preset",
+           "UnlabelledBatch", "architectures", "build", "methods", "preset", "presets_for", "register_architecture",
+           "register_method", "register_preset", "resolve_hparams"]

@@ -1,24 +1,31 @@
-"""The image DA methods TA3N extends to videos (§7.3.3, Tables 3-4): DANN, JAN, AdaBN and MCD.
+"""The image DA methods TA3N extends to videos (§7.3.3, Tables 3-4): DANN, JAN, AdaBN and MCD, as methods.
 
-Each runs on TemPooling or TemRelation (``temporal=pooling|relation``, ``VideoModel`` in ``ta3n.py``), with
-TA3N's video model, optimiser and defaults; only the adaptation differs:
+Each runs on any architecture (the paper's: TemPooling ``tempooling`` and TemRelation ``trn``) with TA3N's
+optimiser and defaults; only the adaptation differs:
 
-- ``dann``: Ĝsd after the spatial module and Ĝtd after the temporal module, no relation discriminator (§7.3.3).
-- ``jan``: JMMD (Long et al. 2017) between source and target on the joint (video feature, class prediction).
-- ``adabn``: batch normalisation in the spatial module with per-domain statistics (Li et al. 2016).
-- ``mcd``: a second classifier and MCD's three-step update (Saito et al. 2018).
+- ``dann``: Ĝsd after the spatial module and Ĝtd after the temporal module, no relation discriminator (§7.3.3):
+  ``ta2n`` of ``ta3n.py`` with those two levels.
+- ``jan``: JMMD (Long et al. 2017, eq. 9 biased estimate: :func:`jmmd`, :func:`mmd2`, :func:`multi_gaussian_kernel`)
+  between source and target on the joint (video feature, class prediction).
+- ``adabn``: per-domain batch-norm statistics of every BN layer of the architecture (Li et al. 2016).
+- ``mcd``: a second classifier and MCD's three-step update (Saito et al. 2018, §3.2 steps A-C).
 
-Also the kernel two-sample statistics JAN trains with, which ``pipelines/diagnose.py`` reuses to measure MMD.
+The kernel two-sample statistics JAN trains with are also what ``pipelines/diagnose.py`` measures MMD with.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from heads.base import HeadError, HParam, LabelledBatch, UnlabelledBatch, register
-from heads.common import init_normal_
-from heads.ta3n import LEVELS, TA2N, VideoModel, require_target
+from heads.architecture import Architecture
+from heads.base import HeadError, HParam, Inputs, LabelledBatch, UnlabelledBatch, cat_inputs
+from heads.method import Method, Preset, register_method, register_preset, require_target
+from heads.ta3n import LEVELS, TA2N
 
 DOMAINS = ("source", "target")
 
@@ -27,7 +34,7 @@ DOMAINS = ("source", "target")
 # DANN
 
 
-@register
+@register_method
 class DANN(TA2N):
     """DANN (Ganin et al. 2016) as TA3N §7.3.3 integrates it: Ĝsd on frame features, Ĝtd on the video feature.
 
@@ -38,11 +45,11 @@ class DANN(TA2N):
     """
 
     name = "dann"
-    summary = "DANN on TemPooling/TemRelation: adversarial discriminators on frame and video features (TA3N §7.3.3)"
+    summary = "DANN: adversarial discriminators on frame and video features (TA3N §7.3.3)"
     HPARAMS = {
         **TA2N.HPARAMS,
         "discriminators": HParam(("frame", "video"), f"levels with an adversarial discriminator, among "
-                                 f"{', '.join(LEVELS)}", "TA3N §7.3.3 (Ĝsd + Ĝtd)"),
+                                 f"{', '.join(LEVELS)}", "TA3N §7.3.3 (Ĝsd + Ĝtd)", choices=LEVELS),
     }
 
 
@@ -67,219 +74,268 @@ def mmd2(kernel: Tensor, n_source: int) -> Tensor:
     return kernel[source, source].mean() + kernel[target, target].mean() - 2.0 * kernel[source, target].mean()
 
 
-def multi_gaussian_kernel(z: Tensor, kernel_mul: float, kernel_num: int) -> Tensor:
+def multi_gaussian_kernel(z: Tensor, kernel_mul: float, kernel_num: int,
+                          bandwidth: float | None = None) -> Tensor:
     """Σ_i exp(-‖z_a - z_b‖² / b_i) over ``kernel_num`` bandwidths b_i = m · kernel_mul^(i - kernel_num // 2).
 
-    m is the mean squared distance between distinct rows, treated as a constant (TA3N code,
-    ``loss.guassian_kernel``, as in DAN/JAN's multi-kernel MMD). When all rows are identical m = 0 (the code
-    then returns NaN); m is clamped to the smallest positive normal float, so every kernel value is exp(0) = 1,
-    the value at any positive bandwidth.
+    m is ``bandwidth`` when given (JAN's code: 1.68 for the softmax layer), else the mean squared distance
+    between distinct rows, treated as a constant (``guassian_kernel`` of JAN's and TA3N's code, as in DAN's
+    multi-kernel MMD). When all rows are identical that mean is 0 (the code then returns NaN); it is clamped to
+    the smallest positive normal float, so every kernel value is exp(0) = 1, the value at any positive bandwidth.
     """
     distances = squared_distances(z)
-    n = len(z)
-    mean = (distances.detach().sum() / (n * n - n)).clamp(min=torch.finfo(z.dtype).tiny)
+    if bandwidth is None:
+        n = len(z)
+        base = (distances.detach().sum() / (n * n - n)).clamp(min=torch.finfo(z.dtype).tiny)
+    else:
+        base = torch.tensor(bandwidth, dtype=z.dtype, device=z.device)
     exponents = torch.arange(kernel_num, device=z.device) - kernel_num // 2
-    bandwidths = mean * kernel_mul ** exponents.to(z.dtype)
+    bandwidths = base * kernel_mul ** exponents.to(z.dtype)
     return torch.exp(-distances[None] / bandwidths[:, None, None]).sum(dim=0)
 
 
-# (kernel_mul, kernel_num) per JMMD layer, as TA3N's code: (video feature, class prediction)
-JMMD_KERNELS = ((2.0, 5), (2.0, 2))
+# (kernel_mul, kernel_num, fixed bandwidth or None) per JMMD layer: (video feature, class prediction)
+JMMD_KERNELS: dict[str, tuple[tuple[float, int, float | None], ...]] = {
+    # JAN's official code (thuml/Xlearn, pytorch/src/loss.py JAN: kernel_nums [5, 1], fix_sigma [None, 1.68])
+    "jan": ((2.0, 5, None), (2.0, 1, 1.68)),
+    # TA3N's main.py: kernel_nums [2, 5] over feat_source[:-1], which is [prediction, video feature] (models.py
+    # returns its feature list reversed), so 5 kernels on the feature and 2 on the prediction
+    "ta3n-code": ((2.0, 5, None), (2.0, 2, None)),
+}
 
 
-def jmmd(layers: list[Tensor], n_source: int, kernels=JMMD_KERNELS) -> Tensor:
+def jmmd(layers: list[Tensor], n_source: int,
+         kernels: tuple[tuple[float, int, float | None], ...] = JMMD_KERNELS["jan"]) -> Tensor:
     """Joint MMD² (JAN eq. 9, biased estimate): the MMD² of the product of each layer's kernel matrix.
 
     ``layers`` hold [source; target] rows (the first ``n_source`` are source). Source and target may differ
-    in size (the official code truncates both to the smaller batch; with equal sizes the two agree).
+    in size (the official codes truncate both to the smaller batch; with equal sizes the two agree).
     """
     joint = None
-    for z, (kernel_mul, kernel_num) in zip(layers, kernels, strict=True):
-        kernel = multi_gaussian_kernel(z, kernel_mul, kernel_num)
+    for z, (kernel_mul, kernel_num, bandwidth) in zip(layers, kernels, strict=True):
+        kernel = multi_gaussian_kernel(z, kernel_mul, kernel_num, bandwidth)
         joint = kernel if joint is None else joint * kernel
     return mmd2(joint, n_source)
 
 
-@register
-class JAN(VideoModel):
-    """JAN (Long et al. 2017) as TA3N §7.3.3: JMMD on the final video representation and the class prediction.
+@register_method
+class JAN(Method):
+    """JAN (Long et al. 2017) as TA3N §7.3.3: JMMD on the video representation z and the class prediction.
 
-    Loss: L_y + jmmd_weight · JMMD²(source, target) over the joint (h, softmax(ŷ)), each with TA3N's code's
-    multi-kernel Gaussians (bandwidths around the mean squared distance: 5 kernels for h, 2 for ŷ).
-    Deviations: the official code feeds the logits to JMMD (``jmmd_prediction=logits``) where JAN uses the
-    softmax; it truncates source and target to the smaller batch, here all videos count.
+    Loss: L_y (+ the architecture's terms) + jmmd_weight · JMMD²(source, target) over the joint (z, softmax(ŷ)).
+    ``jmmd_kernels`` names the kernels: ``jan`` (default), JAN's official code: 5 Gaussians for z with
+    bandwidths mean squared distance × 2^k, k ∈ -2..2, and one Gaussian of fixed bandwidth 1.68 for the
+    softmax; ``ta3n-code``: TA3N's code, 5 such Gaussians for z and 2 (k ∈ -1..0) for the prediction.
+    Deviations: JAN's code uses the linear-time estimator, TA3N's code and this one the biased quadratic
+    estimate; TA3N's code feeds the logits to JMMD (``jmmd_prediction=logits``); both codes truncate source
+    and target to the smaller batch, here all videos count.
     """
 
     name = "jan"
-    summary = "JAN on TemPooling/TemRelation: joint MMD of video features and class predictions (TA3N §7.3.3)"
+    needs = frozenset({"encoder"})    # aligning or shaping fixed features would change nothing
+    summary = "JAN: joint MMD of video features and class predictions (TA3N §7.3.3)"
     settings = frozenset({"da"})
     HPARAMS = {
-        **VideoModel.HPARAMS,
-        "jmmd_weight": HParam(1.0, "weight of the JMMD loss", "JAN; TLlib jan.py (--trade-off 1)"),
+        "jmmd_weight": HParam(1.0, "weight of the JMMD loss", "JAN; TLlib jan.py (--trade-off 1)",
+                              interval="[0, inf)"),
         "jmmd_prediction": HParam("softmax", "class prediction layer entering JMMD: softmax (JAN) or logits "
                                   "(official TA3N code)", "JAN §4; TA3N code main.py", choices=("softmax", "logits")),
+        "jmmd_kernels": HParam("jan", "Gaussian kernels per JMMD layer: jan (JAN's code: 5 at the mean distance "
+                               "for z, 1 of bandwidth 1.68 for ŷ) or ta3n-code (5 for z, 2 for ŷ)",
+                               "JAN code, thuml/Xlearn loss.py; TA3N code main.py", choices=tuple(JMMD_KERNELS)),
     }
-    # `vidshift demo` (72 source videos, batches of 8): at weight 1 JMMD swamps L_y, source val stays at chance
-    PRESETS = {"demo": {"jmmd_weight": 0.1}}
 
-    def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
-        """One SGD step on L_y + weight · JMMD², source and target through the model together."""
+    def objective(self, src: LabelledBatch, tgt: UnlabelledBatch | None,
+                  progress: float) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """L_y + weight · JMMD², source and target through the model together."""
         tgt = require_target(self, tgt)
-        video = self.video_features(torch.cat([src.x, tgt.x]))
-        logits = self.classifier(video)
-        n_source = len(src.y)
-        loss_y = F.cross_entropy(logits[:n_source], src.y)
-        prediction = logits.softmax(dim=1) if self.hparams["jmmd_prediction"] == "softmax" else logits
-        loss_jmmd = self.hparams["jmmd_weight"] * jmmd([video, prediction], n_source)
-        loss = loss_y + loss_jmmd
-        return {"loss": loss.item(), "loss_y": loss_y.item(), "loss_jmmd": loss_jmmd.item(),
-                **self.optimizer_step(self.optimizer, loss, progress)}
+        encoding = self.arch.encode(cat_inputs([src.x, tgt.x]))
+        video = self.arch.aggregate(encoding.parts)
+        logits = self.arch.classify(video)
+        terms = self.supervised_terms(encoding, logits, src.y)
+        h = self.hparams
+        prediction = logits.softmax(dim=1) if h["jmmd_prediction"] == "softmax" else logits
+        terms["loss_jmmd"] = h["jmmd_weight"] * jmmd([video, prediction], len(src.y), JMMD_KERNELS[h["jmmd_kernels"]])
+        return terms, {}
+
+
+# `vidshift demo` (72 source videos, batches of 8): at weight 1 JMMD swamps L_y, source val stays at chance
+register_preset(Preset("demo", "small-data JAN: JMMD weight 0.1", {"jmmd_weight": 0.1}, methods=("jan",)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # AdaBN
 
 
-class DomainBatchNorm(nn.Module):
-    """Batch normalisation with running statistics per domain and one shared affine transform (AdaBN)."""
+@register_method
+class AdaBN(Method):
+    """AdaBN (Li et al. 2016) as TA3N §7.3.3: every BN layer of the architecture keeps statistics per domain.
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.statistics = nn.ModuleDict({domain: nn.BatchNorm1d(dim, affine=False) for domain in DOMAINS})
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+    The source statistics live in the BN modules themselves; the target ones in this method's buffers
+    (``target_statistics``), swapped into the modules for a target pass and back out after it. So between
+    calls the architecture holds the source statistics, and ``state_dict`` holds both: save and resume are exact.
+    On ``tempooling`` / ``trn`` the BN is G_sf's (``frame_norm=batch``, which this method turns on by default).
 
-    def forward(self, x: Tensor, domain: str) -> Tensor:
-        """[..., dim]: every row (every frame of every video, as the official code) is one BN sample."""
-        flat = x.reshape(-1, x.shape[-1])
-        return (self.statistics[domain](flat) * self.weight + self.bias).view_as(x)
-
-
-class AdaptiveFrameMLP(nn.Module):
-    """G_sf with AdaBN: Linear -> DomainBatchNorm -> ReLU -> Dropout (the BN where TA3N's code puts it)."""
-
-    def __init__(self, in_dim: int, out_dim: int, dropout: float):
-        super().__init__()
-        self.linear = nn.Linear(in_dim, out_dim)
-        self.norm = DomainBatchNorm(out_dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, domain: str) -> Tensor:
-        return self.dropout(F.relu(self.norm(self.linear(x), domain)))
-
-
-@register
-class AdaBN(VideoModel):
-    """AdaBN (Li et al. 2016) as TA3N §7.3.3: an adaptive BN layer in G_sf, statistics kept per domain.
-
-    Training: source batches are normalised with their own statistics and update the source running
-    statistics; target batches pass through G_sf only, to update the target ones (AdaBN adds no loss; L_y on
-    source only). Evaluation normalises with the statistics of the domain named by :meth:`set_eval_domain`:
-    the target by default, since DA evaluation is on the target; the trainer names "source" for source val.
-    Deviations: the statistics are running averages over training (momentum 0.1, as PyTorch and the code),
-    not recomputed over the whole target set after training as in AdaBN; the affine transform is shared by
-    both domains as in AdaBN, where TA3N's code keeps two BN layers whose target affine never gets a gradient.
+    Training: the target batch goes through ``arch.encode`` in train mode without gradients, normalised with its
+    own batch statistics, which updates the target running statistics (AdaBN adds no loss); then L_y on the
+    source batch with the source statistics. Evaluation normalises with the statistics of the domain named by
+    :meth:`set_eval_domain`: the target by default, since DA evaluation is on the target; the trainer names
+    "source" for source val.
+    Deviations: the statistics are running averages over training (momentum 0.1, as PyTorch and TA3N's code),
+    not recomputed over the whole target set after training as in AdaBN; the affine transform is shared by both
+    domains as in AdaBN, where TA3N's code keeps two BN layers whose target affine never gets a gradient.
     """
 
     name = "adabn"
-    summary = "AdaBN on TemPooling/TemRelation: per-domain batch-norm statistics in the frame MLP (TA3N §7.3.3)"
+    summary = "AdaBN: per-domain batch-norm statistics in every BN layer of the architecture (TA3N §7.3.3)"
     settings = frozenset({"da"})
+    needs = frozenset({"batchnorm"})
+    ARCH_DEFAULTS = {"frame_norm": "batch"}
 
-    def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
-        super().__init__(feat_shape, num_classes, num_segments, hparams)
-        h = self.hparams
-        self.frame_mlp = AdaptiveFrameMLP(self.feat_shape[0], h["frame_dim"], h["dropout_frame"])  # replaces G_sf
-        if h["init_std"] > 0:
-            init_normal_(self.frame_mlp, h["init_std"])
+    def __init__(self, arch: Architecture, hparams: dict):
+        super().__init__(arch, hparams)
+        self.norms = [m for m in arch.modules() if isinstance(m, _BatchNorm)]
+        if not self.norms or any(norm.running_mean is None for norm in self.norms):
+            raise HeadError(f"method '{self.name}' needs batch-norm layers that track running statistics")
+        self.target_statistics = nn.Module()   # a buffer holder: the target twin of every BN's running statistics
+        for i, norm in enumerate(self.norms):
+            for name, source in self._statistics(norm).items():
+                self.target_statistics.register_buffer(f"{name}_{i}", source.detach().clone())
+        self.held_domain = "source"     # whose statistics the BN modules hold now
         self.eval_domain = "target"
-        (self.optimizer,) = self.replace_optimizers(self.parameters())
+
+    @staticmethod
+    def _statistics(norm: _BatchNorm) -> dict[str, Tensor]:
+        return {"mean": norm.running_mean, "var": norm.running_var, "batches": norm.num_batches_tracked}
+
+    @contextmanager
+    def domain_statistics(self, domain: str) -> Iterator[None]:
+        """Within the block every BN layer holds ``domain``'s running statistics (updates stay with it)."""
+        if domain not in DOMAINS:
+            raise HeadError(f"method '{self.name}': domain must be one of {DOMAINS}, got {domain!r}")
+        if domain == self.held_domain:   # already in place (the source's, or a nested call)
+            yield
+            return
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        """Exchange the modules' statistics with the target buffers, in place."""
+        self.held_domain = "target" if self.held_domain == "source" else "source"
+        for i, norm in enumerate(self.norms):
+            for name, inside in self._statistics(norm).items():
+                outside = getattr(self.target_statistics, f"{name}_{i}")
+                kept = inside.clone()
+                inside.copy_(outside)
+                outside.copy_(kept)
 
     def set_eval_domain(self, domain: str) -> None:
         if domain not in DOMAINS:
-            raise HeadError(f"head '{self.name}': eval domain must be one of {DOMAINS}, got {domain!r}")
+            raise HeadError(f"method '{self.name}': eval domain must be one of {DOMAINS}, got {domain!r}")
         self.eval_domain = domain
 
-    def video_features(self, x: Tensor, domain: str | None = None) -> Tensor:
-        """[B, N, C] -> [B, D], normalised with ``domain``'s statistics (default: the eval domain)."""
-        return self.temporal(self.frame_mlp(x, domain or self.eval_domain))
-
-    def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
-        """Refresh the target statistics, then one SGD step on L_y (source statistics)."""
+    def objective(self, src: LabelledBatch, tgt: UnlabelledBatch | None,
+                  progress: float) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Refresh the target statistics with the target batch, then L_y on the source batch (source statistics)."""
         tgt = require_target(self, tgt)
-        with torch.no_grad():
-            self.frame_mlp(tgt.x, "target")
-        loss = F.cross_entropy(self.classifier(self.video_features(src.x, "source")), src.y)
-        return {"loss": loss.item(), **self.optimizer_step(self.optimizer, loss, progress)}
+        with torch.no_grad(), self.domain_statistics("target"):
+            self.arch.encode(tgt.x)
+        encoding = self.arch.encode(src.x)
+        logits = self.arch.classify(self.arch.aggregate(encoding.parts))
+        return self.supervised_terms(encoding, logits, src.y), {}
+
+    def predict(self, x: Inputs) -> Tensor:
+        with self.domain_statistics(self.eval_domain):
+            return self.arch(x)
+
+    def features(self, x: Inputs) -> Tensor:
+        with self.domain_statistics(self.eval_domain):
+            return self.arch.features(x)
+
+    def diagnostics(self, x: Inputs) -> dict[str, float]:
+        with self.domain_statistics(self.eval_domain):
+            return super().diagnostics(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # MCD
 
 
-@register
-class MCD(VideoModel):
+@register_method
+class MCD(Method):
     """MCD (Saito et al. 2018) as TA3N §7.3.3: a second classifier G'_y, and MCD's three steps per update.
 
-    Generator G = G_sf + G_tf, classifiers F1 = G_y and F2 = G'_y, discrepancy d = mean |softmax F1 - softmax F2|.
+    Generator G = every architecture parameter but the classifier's, classifiers F1 = G_y and
+    F2 = G'_y (``arch.new_classifier()``), discrepancy d = mean |softmax F1 - softmax F2|.
     A: G, F1, F2 minimise the source loss. B: with G fixed, F1, F2 minimise the source loss minus d on target.
     C: with F1, F2 fixed, G minimises d on target, ``generator_steps`` times. Prediction: F1 (as the code).
-    G and the classifiers have their own SGD optimisers (MCD's code: one each). Deviation from TA3N's code,
-    which replaces the three steps by one: a GRL (coefficient mu, 0 in its script) before the classifiers and
-    -d added to the loss.
+    G and the classifiers have their own optimisers (MCD's code: one each). The architecture's own loss terms
+    (STDN's) join step A's generator loss, the one step that trains G on source labels. Deviation from TA3N's code, which replaces the three
+    steps by one: a GRL (coefficient mu, 0 in its script) before the classifiers and -d added to the loss.
     """
 
     name = "mcd"
-    summary = "MCD on TemPooling/TemRelation: two classifiers, maximum classifier discrepancy (TA3N §7.3.3)"
+    needs = frozenset({"encoder"})    # its generator: the layers before the classifier
+    summary = "MCD: two classifiers, maximum classifier discrepancy (TA3N §7.3.3)"
     settings = frozenset({"da"})
     HPARAMS = {
-        **VideoModel.HPARAMS,
-        "generator_steps": HParam(4, "n: generator updates (step C) per iteration", "MCD §4 (n = 4; code num_k)"),
+        "generator_steps": HParam(4, "n: generator updates (step C) per iteration", "MCD §4 (n = 4; code num_k)",
+                                  interval="[1, inf)"),
     }
-    # `vidshift demo` (72 source videos, batches of 8), seed 0: n = 4 leaves source val at 29 %, n = 1 reaches 62 %
-    PRESETS = {"demo": {"generator_steps": 1}}
 
-    def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
-        super().__init__(feat_shape, num_classes, num_segments, hparams)
-        h = self.hparams
-        self.classifier2 = nn.Sequential(nn.Dropout(h["dropout_video"]),                          # G'_y
-                                         nn.Linear(self.classifier[1].in_features, num_classes))
-        if h["init_std"] > 0:
-            init_normal_(self.classifier2, h["init_std"])
-        del self.optimizer   # two optimisers instead of TemPooling's one
-        generator = [*self.frame_mlp.parameters(), *self.temporal.parameters()]
-        classifiers = [*self.classifier.parameters(), *self.classifier2.parameters()]
-        self.generator_optimizer, self.classifier_optimizer = self.replace_optimizers(generator, classifiers)
+    def __init__(self, arch: Architecture, hparams: dict):
+        super().__init__(arch, hparams)
+        self.classifier2 = arch.new_classifier()                                                    # G'_y
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """[generator G, classifiers F1 + F2]."""
+        classifier = {id(p) for p in self.arch.classifier_parameters()}
+        generator = [p for p in self.arch.parameters() if id(p) not in classifier]
+        return [generator, [*self.arch.classifier_parameters(), *self.classifier2.parameters()]]
 
     def source_loss(self, video: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(self.classifier(video), labels) + F.cross_entropy(self.classifier2(video), labels)
+        return F.cross_entropy(self.arch.classify(video), labels) + F.cross_entropy(self.classifier2(video), labels)
 
     def discrepancy(self, video: Tensor) -> Tensor:
-        return (self.classifier(video).softmax(dim=1) - self.classifier2(video).softmax(dim=1)).abs().mean()
+        return (self.arch.classify(video).softmax(dim=1) - self.classifier2(video).softmax(dim=1)).abs().mean()
 
     def step_a(self, src: LabelledBatch, progress: float) -> dict[str, float]:
         """A: G and both classifiers on the source loss, each stepped by its optimiser from the same batch."""
-        video = self.video_features(src.x)
-        self.optimizer_step(self.generator_optimizer, self.source_loss(video, src.y), progress)
+        generator, classifiers = self.optimizers
+        encoding = self.arch.encode(src.x)
+        video = self.arch.aggregate(encoding.parts)
+        own_terms = self.arch.aux_losses(encoding, src.y)
+        self.step(generator, self.source_loss(video, src.y) + sum(own_terms.values()), progress)
         loss = self.source_loss(video.detach(), src.y)   # same features, now for the classifiers' gradient
-        return {"loss_a": loss.item(), **self.optimizer_step(self.classifier_optimizer, loss, progress)}
+        return {"loss_a": loss.item(), **{name: term.item() for name, term in own_terms.items()},
+                **self.step(classifiers, loss, progress)}
 
     def step_b(self, src: LabelledBatch, tgt: UnlabelledBatch, progress: float) -> dict[str, float]:
         """B: G fixed; the classifiers keep the source loss low while maximising their discrepancy on target."""
         with torch.no_grad():
-            source, target = self.video_features(src.x), self.video_features(tgt.x)
+            source, target = self.arch.features(src.x), self.arch.features(tgt.x)
         discrepancy = self.discrepancy(target)
         loss = self.source_loss(source, src.y) - discrepancy
-        self.optimizer_step(self.classifier_optimizer, loss, progress)
+        self.step(self.optimizers[1], loss, progress)
         return {"loss_b": loss.item(), "discrepancy_b": discrepancy.item()}
 
     def step_c(self, tgt: UnlabelledBatch, progress: float) -> dict[str, float]:
         """C: classifiers fixed; G minimises their discrepancy on target, ``generator_steps`` times."""
         for _ in range(self.hparams["generator_steps"]):
-            discrepancy = self.discrepancy(self.video_features(tgt.x))
-            logs = self.optimizer_step(self.generator_optimizer, discrepancy, progress)
+            discrepancy = self.discrepancy(self.arch.features(tgt.x))
+            logs = self.step(self.optimizers[0], discrepancy, progress)
         return {"discrepancy_c": discrepancy.item(), "grad_norm_c": logs["grad_norm"]}
 
     def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
+        """Steps A, B, C in turn; ``loss`` is step A's source loss."""
         tgt = require_target(self, tgt)
         logs = {**self.step_a(src, progress), **self.step_b(src, tgt, progress), **self.step_c(tgt, progress)}
         return {"loss": logs["loss_a"], **logs}
+
+
+# `vidshift demo` (72 source videos, batches of 8), seed 0: n = 4 leaves source val at 29 %, n = 1 reaches 62 %
+register_preset(Preset("demo", "small-data MCD: one generator step", {"generator_steps": 1}, methods=("mcd",)))

@@ -1,30 +1,34 @@
 """STDN, the Spatial-Temporal Diversification Network (Lin et al., NeurIPS 2022), on cached maps [B, N, H, W, C],
-and the ablation variants of its Table 3. A domain *generalisation* method: source labels only.
+and the ablation variants of its Table 3, as architectures. The paper trains them with eq. 8 on source labels
+only (domain generalisation): that is ``--method erm``, whose L_y is L_cls; the architecture adds its own terms.
 
 Where the equations live:
 - MixStyle (§4.1, video variant): ``heads/mixstyle.py``.
 - SGM (§3.3): eq. 1 ``assign_to_anchors``; eq. 2 ``group_weights`` and ``SpatialGrouping``; eq. 3-4
-  ``grouping_losses``.
+  ``grouping_losses``, weighted in ``STDN.aux_losses`` (``loss_grouping``).
 - STRM (§3.4): eq. 5 ``SpatialRelations``; G and the frame feature ``FrameEncoder``; eq. 6 ``TemporalRelations``;
-  eq. 7 ``relation_labels`` and ``STDN.update``; H^a_m ``SqueezeExcite``; eq. 8 ``STDN.update``.
-- §4.2 diagnostics: Fig. 4 ``scale_nmse``; Fig. 5 ``davies_bouldin`` and ``kmeans`` (``heads/clustering.py``).
+  eq. 7 ``relation_labels`` and ``STDN.aux_losses`` (``loss_relation``); H^a_m ``SqueezeExcite``; the feature
+  aggregation ž = Σ_m H^a_m(z̃_m) ``STDN.aggregate``.
+- Eq. 8, L = L_cls + λ_ent (L_emin + L_emax) + λ_rel L_rel: the method's ``loss_y`` plus ``STDN.aux_losses``.
+- §4.2 diagnostics: Fig. 4 ``scale_nmse``; Fig. 5 ``davies_bouldin`` and ``kmeans`` (``heads/clustering.py``),
+  in ``STDN.diagnostics``.
 
 Defaults, the ``official`` preset and every deviation from the paper and the official code: docs/heads_stdn.md.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, Head, HeadError, HParam, LabelledBatch,
-                        UnlabelledBatch, register)
+from heads.architecture import Architecture, Encoding, register_architecture
+from heads.base import OPTIMIZER_HPARAMS, TRAINER_HPARAMS, HeadError, HParam
 from heads.clustering import davies_bouldin, kmeans
 from heads.common import entropy, mlp, ordered_tuples
+from heads.method import Preset, register_preset
 from heads.mixstyle import VideoMixStyle
 
 GROUP_EPS = 1e-6         # eq. 2's denominator (official code: ``ws_sum + 1e-6``)
@@ -163,23 +167,36 @@ class FrameEncoder(nn.Module):
 class TemporalRelations(nn.Module):
     """Eq. 6: frame features [B, N, D] (one tensor per scale) -> [R^t_2, ..., R^t_N] stacked, [B, N-1, Dt].
 
-    R^t_m is the mean over time-ordered tuples of m frames of H^t_m(concatenation), with H^t_m the official
-    ReLU -> Dropout -> Linear -> ReLU.
+    H^t_m is the official ReLU -> Dropout -> Linear -> ReLU over the concatenation of a time-ordered tuple of m
+    frames. ``reduction`` says how a scale reduces its tuples' outputs:
+
+    - ``mean``: R^t_m is their mean, eq. 6's expectation.
+    - ``official``: ``ops/STDNmodule.py``'s sum. The code sums the ``num_tuples`` tuples it draws at each scale
+      and multiplies the one N-frame tuple by ``num_tuples`` (its L179). Here a scale's weight is the number of
+      tuples the code sums (``num_tuples`` at scale N, else min(num_tuples, its tuples)) times their mean,
+      which is that sum when the tuples are drawn and its expectation when every tuple is used (evaluation
+      with ``eval_tuples=all``). Downstream this is not a factor of ``num_tuples``: the SE gate and the
+      biases of the relation and class classifiers see the summed feature.
     """
 
-    def __init__(self, num_segments: int, frame_dim: int, dim: int, num_tuples: int, dropout: float):
+    def __init__(self, num_segments: int, frame_dim: int, dim: int, num_tuples: int, dropout: float,
+                 reduction: str = "mean"):
         super().__init__()
         self.num_tuples = num_tuples
         self.scales = list(range(2, num_segments + 1))
         self.tuples = {size: ordered_tuples(num_segments, size) for size in self.scales}
         self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(size * frame_dim, dim),
                                                   nn.ReLU()) for size in self.scales)
+        self.tuple_weights = [1.0 if reduction == "mean"
+                        else float(num_tuples if size == num_segments else min(num_tuples, len(self.tuples[size])))
+                        for size in self.scales]
 
     def forward(self, frames_per_scale: list[Tensor], draw: bool) -> Tensor:
         relations = []
-        for size, block, frames in zip(self.scales, self.blocks, frames_per_scale):
+        for size, block, weight, frames in zip(self.scales, self.blocks, self.tuple_weights, frames_per_scale):
             tuples = pick_tuples(self.tuples[size], self.num_tuples, draw, frames.device)         # [k, m]
-            relations.append(block(frames[:, tuples].flatten(start_dim=2)).mean(dim=1))           # [B, Dt]
+            # x * 1.0 is exactly x, so ``mean`` stays bit-for-bit the plain mean
+            relations.append(weight * block(frames[:, tuples].flatten(start_dim=2)).mean(dim=1))  # [B, Dt]
         return torch.stack(relations, dim=1)
 
 
@@ -219,7 +236,7 @@ def scale_nmse(relations: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the heads
+# the architectures
 
 # The components that Table 3 adds one at a time. "+SGM" keeps the TSN classifier on the K group features side
 # by side; "+TRM" adds temporal relations with L_rel on them (Fig. 4's "SGM+TRM": 56.7 - 54.9 = the 1.8 points
@@ -235,186 +252,191 @@ COMPONENTS = {
                       "'Full STDN'); needs temporal_relations; off: plain sum of the scales",
 }
 
-# STDN's hyper-parameters whose valid values are narrower than their type: name -> (test, the range in words).
-# Checked whether or not the component that reads them is on. num_groups >= 2: spatial relations start at
-# pairs of groups, and Fig. 5's K-means needs two clusters.
-_AT_LEAST_ONE: tuple[Callable[[float], bool], str] = (lambda v: v >= 1, ">= 1")
-HPARAM_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "num_groups": (lambda v: v >= 2, ">= 2"),
-    "tau": (lambda v: v > 0, "> 0"),
-    **{name: _AT_LEAST_ONE for name in ("anchor_hidden", "spatial_dim", "spatial_tuples", "temporal_dim",
-                                        "temporal_tuples", "se_hidden", "relation_hidden")},
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "mixstyle_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "mixstyle_alpha": (lambda v: v > 0, "> 0"),
-    "lambda_ent": (lambda v: v >= 0, ">= 0"),
-    "lambda_rel": (lambda v: v >= 0, ">= 0"),
-}
+_SHARED = {**TRAINER_HPARAMS, **OPTIMIZER_HPARAMS}
 
 
-@dataclass(frozen=True)
-class Encoding:
-    """What one pass over a batch produces: the video feature and what the losses and diagnostics read."""
-
-    video: Tensor                       # ž (or the mean frame feature without temporal relations), [B, D]
-    relations: Tensor | None            # z̃_m for m = 2..N before SE, [B, N-1, Dt]
-    log_assignments: list[Tensor]       # one [B·N, HW, K] per SGM copy (empty without grouping)
+def _recipe(name: str, default: object, source: str) -> HParam:
+    """A shared trainer/optimiser hyper-parameter with STDN's default and its source (meaning and range kept)."""
+    return replace(_SHARED[name], default=default, source=source)
 
 
-@register
-class STDN(Head):
+@register_architecture
+class STDN(Architecture):
     """Full STDN (§3, eq. 1-8): MixStyle, SGM, spatial and temporal relations, L_rel, SE aggregation.
 
-    The loss is eq. 8, L = L_cls + lambda_ent (L_emin + L_emax) + lambda_rel L_rel. The components of Table 3
-    are boolean hyper-parameters (``COMPONENTS``); the registered variants below only change their defaults,
-    and a component's own hyper-parameters act only while it is on. ``diagnostics`` gives §4.2's measures.
+    ``encode`` gives the per-segment frame features ẑ_n and the temporal relations z̃_m; ``aggregate`` is ž;
+    ``aux_losses`` are λ_ent (L_emin + L_emax) and λ_rel L_rel, so a method's L_y completes eq. 8. The
+    components of Table 3 are boolean hyper-parameters (``COMPONENTS``); the registered variants below only
+    change their defaults, and a component's own hyper-parameters act only while it is on. ``diagnostics``
+    gives §4.2's measures.
     """
 
     name = "stdn"
-    summary = "STDN (NeurIPS'22): spatial grouping + spatial-temporal relations + MixStyle on cached maps; DG"
+    summary = "STDN (NeurIPS'22): spatial grouping + spatial-temporal relations + MixStyle on cached maps"
     input = "maps"
-    settings = frozenset({"dg"})
+    RECIPE = {
+        "epochs": _recipe("epochs", 25, "STDN code, scripts/train_hmdbucf.sh (--epochs 25)"),
+        "batch_size": _recipe("batch_size", 32, "STDN §4.1"),
+        "lr": _recipe("lr", 1e-3, "STDN §4.1"),
+        "lr_schedule": _recipe("lr_schedule", "step", "STDN code, scripts/train_hmdbucf.sh (--lr_steps 10 20 of 25 "
+                               "epochs)"),
+        "lr_steps": _recipe("lr_steps", (0.4, 0.8), "STDN code, scripts/train_hmdbucf.sh (epochs 10 and 20 of 25)"),
+        "lr_decay": _recipe("lr_decay", 0.1, "STDN code, main.py (lr x0.1 at each step)"),
+        "momentum": _recipe("momentum", 0.9, "STDN §4.1"),
+        "nesterov": _recipe("nesterov", False, "STDN §4.1 (momentum SGD); code main.py (plain SGD)"),
+        "weight_decay": _recipe("weight_decay", 5e-4, "STDN §4.1"),
+        "clip_grad": _recipe("clip_grad", 20.0, "STDN code, scripts/train_hmdbucf.sh (--gd 20)"),
+    }
     HPARAMS = {
-        **TRAINER_HPARAMS,
-        "epochs": HParam(25, "passes over the source train split", "STDN code, scripts/train_hmdbucf.sh (--epochs 25)"),
-        "batch_size": HParam(32, "source videos per update", "STDN §4.1"),
-        **OPTIMIZER_HPARAMS,
-        "lr": HParam(1e-3, "initial learning rate", "STDN §4.1"),
-        "lr_schedule": replace(OPTIMIZER_HPARAMS["lr_schedule"], default="step",
-                               source="STDN code, scripts/train_hmdbucf.sh (--lr_steps 10 20 of 25 epochs)"),
-        "lr_steps": HParam((0.4, 0.8), "training progress points where the 'step' schedule decays",
-                           "STDN code, scripts/train_hmdbucf.sh (epochs 10 and 20 of 25)"),
-        "nesterov": HParam(False, "Nesterov momentum", "STDN §4.1 (momentum SGD); code main.py (plain SGD)"),
-        "weight_decay": HParam(5e-4, "L2 penalty on all parameters", "STDN §4.1"),
-        "clip_grad": HParam(20.0, "max global gradient norm; 0 disables",
-                            "STDN code, scripts/train_hmdbucf.sh (--gd 20)"),
         **{name: HParam(True, meaning, "STDN Table 3") for name, meaning in COMPONENTS.items()},
-        "mixstyle_p": HParam(0.5, "probability that a training batch is mixed", "STDN §4.1 (code --mix-prob 0.5)"),
-        "mixstyle_alpha": HParam(0.1, "Beta(alpha, alpha) of the mixing weight", "STDN §4.1 (code --mix-alpha 0.1)"),
+        "mixstyle_p": HParam(0.5, "probability that a training batch is mixed", "STDN §4.1 (code --mix-prob 0.5)",
+                             interval="[0, 1]"),
+        "mixstyle_alpha": HParam(0.1, "Beta(alpha, alpha) of the mixing weight", "STDN §4.1 (code --mix-alpha 0.1)",
+                                 interval="(0, inf)"),
         "mixstyle_pairing": HParam("random", "random: a random permutation of the batch (MixStyle's default); "
                                    "crosshalf: each half mixes with the other (official code)",
                                    "MixStyle (Zhou et al. 2021), cited in STDN §4.1", choices=("random", "crosshalf")),
-        "num_groups": HParam(4, "K, spatial groups per frame", "STDN §4.1"),
-        "tau": HParam(0.5, "temperature of the assignment softmax (eq. 1)", "STDN §4.1"),
-        "anchor_hidden": HParam(256, "channels of the anchor network's first conv", "STDN code (img_feature_dim 256)"),
+        # K >= 2: spatial relations start at pairs of groups, and Fig. 5's K-means needs two clusters
+        "num_groups": HParam(4, "K, spatial groups per frame", "STDN §4.1", interval="[2, inf)"),
+        "tau": HParam(0.5, "temperature of the assignment softmax (eq. 1)", "STDN §4.1", interval="(0, inf)"),
+        "anchor_hidden": HParam(256, "channels of the anchor network's first conv", "STDN code (img_feature_dim 256)",
+                                interval="[1, inf)"),
         "grouping_variant": HParam("paper", "paper: entropies of the row-stochastic assignment (eq. 3-4); "
                                    "official: of the column-normalised one, detached normaliser",
                                    "STDN §3.3; code ops/STDNmodule.py", choices=("paper", "official")),
-        "spatial_dim": HParam(192, "Ds, width of each spatial relation and of G", "STDN §4.1"),
+        "spatial_dim": HParam(192, "Ds, width of each spatial relation and of G", "STDN §4.1", interval="[1, inf)"),
         "spatial_tuples": HParam(12, "group tuples drawn per spatial scale in training",
-                                 "STDN code, SpatialRelationModuleMultiScale (subsample_num = 12)"),
-        "temporal_dim": HParam(256, "Dt, width of each temporal relation", "STDN §4.1"),
+                                 "STDN code, SpatialRelationModuleMultiScale (subsample_num = 12)",
+                                 interval="[1, inf)"),
+        "temporal_dim": HParam(256, "Dt, width of each temporal relation", "STDN §4.1", interval="[1, inf)"),
         "temporal_tuples": HParam(3, "frame tuples drawn per temporal scale in training",
-                                  "STDN code, RelationModuleMultiScale (subsample_num = 3)"),
+                                  "STDN code, RelationModuleMultiScale (subsample_num = 3)", interval="[1, inf)"),
+        "tuple_reduction": HParam("mean", "mean: each temporal scale averages its tuples (eq. 6's expectation) and "
+                                  "one classifier reads the sum of the scales; official: as ops/STDNmodule.py, each "
+                                  "scale sums its drawn tuples (the one N-frame tuple x temporal_tuples) and the "
+                                  "per-scale logits of the shared classifier are summed (its bias counts N-1 times)",
+                                  "STDN eq. 6 (mean); code ops/STDNmodule.py L179, main.py L367 (official)",
+                                  choices=("mean", "official")),
         "eval_tuples": HParam("all", "all: evaluation averages over every tuple (repeatable); random: draws as "
                               "in training (official code; evaluation is then not repeatable)",
                               "STDN code re-draws at evaluation", choices=("all", "random")),
         "dropout": HParam(0.3, "dropout inside each temporal relation block; without temporal relations, before "
-                          "the classifier", "STDN code, scripts/train_hmdbucf.sh (--dropout 0.3)"),
-        "se_hidden": HParam(64, "bottleneck width of each SE block", "STDN code (aggregator_dim 64)"),
+                          "the classifier", "STDN code, scripts/train_hmdbucf.sh (--dropout 0.3)", interval="[0, 1)"),
+        "se_hidden": HParam(64, "bottleneck width of each SE block", "STDN code (aggregator_dim 64)",
+                            interval="[1, inf)"),
         "relation_hidden": HParam(128, "hidden width of the MLP relation classifier F_rel",
-                                  "STDN code, main.py (relation_classifier_feat_dim 128)"),
+                                  "STDN code, main.py (relation_classifier_feat_dim 128)", interval="[1, inf)"),
         "spatial_modules": HParam("shared", "shared: one SGM, spatial relation module and G for all temporal "
                                   "scales; per_scale: one copy per scale (official code, ~4x the parameters)",
                                   "STDN code, RelationModuleMultiScale", choices=("shared", "per_scale")),
-        "lambda_ent": HParam(0.1, "weight of L_emin and of L_emax (eq. 8)", "STDN §4.1"),
-        "lambda_rel": HParam(0.5, "weight of L_rel (eq. 8)", "STDN §4.1"),
-    }
-    PRESETS = {
-        "official": {"lambda_ent": 0.15, "grouping_variant": "official", "spatial_modules": "per_scale",
-                     "eval_tuples": "random", "mixstyle_pairing": "crosshalf"},
+        "lambda_ent": HParam(0.1, "weight of L_emin and of L_emax (eq. 8)", "STDN §4.1", interval="[0, inf)"),
+        "lambda_rel": HParam(0.5, "weight of L_rel (eq. 8)", "STDN §4.1", interval="[0, inf)"),
     }
 
     def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
         super().__init__(feat_shape, num_classes, num_segments, hparams)
         h = self.hparams
-        self._check_hparams()
+        self._check_components()
+        # The modules are created in this order so that a seed gives the weights of the former Head class.
         self.mixstyle = (VideoMixStyle(h["mixstyle_p"], h["mixstyle_alpha"], h["mixstyle_pairing"])
                          if h["mixstyle"] else None)
         temporal = h["temporal_relations"]
         copies = num_segments - 1 if temporal and h["spatial_modules"] == "per_scale" else 1
         self.frame_encoders = nn.ModuleList(FrameEncoder(self.feat_shape, h) for _ in range(copies))
-        frame_dim = self.frame_encoders[0].dim
+        self.frame_dim = self.frame_encoders[0].dim
         self.temporal = self.modulators = self.relation_classifier = None
         if temporal:
-            self.temporal = TemporalRelations(num_segments, frame_dim, h["temporal_dim"], h["temporal_tuples"],
-                                              h["dropout"])
+            self.temporal = TemporalRelations(num_segments, self.frame_dim, h["temporal_dim"], h["temporal_tuples"],
+                                              h["dropout"], h["tuple_reduction"])
             if h["se_aggregation"]:
                 self.modulators = nn.ModuleList(SqueezeExcite(h["temporal_dim"], h["se_hidden"])
                                                 for _ in self.temporal.scales)
             self.relation_classifier = mlp(h["temporal_dim"], h["relation_hidden"], (num_segments - 1) * num_classes)
-            self.classifier = nn.Linear(h["temporal_dim"], num_classes)                             # F
+            self.relation_dim, self.num_scales, self.video_dim = h["temporal_dim"], num_segments - 1, h["temporal_dim"]
+            dropout: nn.Module = nn.Identity()           # the code's classifier reads the relations as they are
         else:
-            self.classifier = nn.Sequential(nn.Dropout(h["dropout"]), nn.Linear(frame_dim, num_classes))
-        self.optimizer = self.make_optimizer(self.parameters())
+            self.video_dim = self.frame_dim
+            dropout = nn.Dropout(h["dropout"])
+        # The official code applies this classifier (F) to each scale and sums the logits (``class_logits``).
+        self.classifier = nn.Sequential(dropout, nn.Linear(self.video_dim, num_classes))
 
-    def _check_hparams(self) -> None:
+    def _check_components(self) -> None:
         h = self.hparams
-        for name, (valid, valid_range) in HPARAM_RANGES.items():
-            if not valid(h[name]):
-                raise HeadError(f"head '{self.name}': hyper-parameter {name}={h[name]!r} is out of range; it must "
-                                f"be {valid_range}")
         if h["spatial_relations"] and not h["grouping"]:
-            raise HeadError(f"head '{self.name}': spatial_relations=true needs grouping=true (relations are between "
-                            f"the SGM's groups)")
+            raise HeadError(f"architecture '{self.name}': spatial_relations=true needs grouping=true (relations are "
+                            f"between the SGM's groups)")
         if h["se_aggregation"] and not h["temporal_relations"]:
-            raise HeadError(f"head '{self.name}': se_aggregation=true needs temporal_relations=true (it modulates "
-                            f"each temporal scale)")
+            raise HeadError(f"architecture '{self.name}': se_aggregation=true needs temporal_relations=true (it "
+                            f"modulates each temporal scale)")
         if h["temporal_relations"] and self.num_segments < 2:
-            raise HeadError(f"head '{self.name}': temporal relations need at least 2 segments, got "
+            raise HeadError(f"architecture '{self.name}': temporal relations need at least 2 segments, got "
                             f"num_segments={self.num_segments}")
 
+    @classmethod
+    def provides(cls, hparams: dict) -> frozenset[str]:
+        trainable = hparams["grouping"] or hparams["temporal_relations"]   # tsn-maps: a linear classifier only
+        return frozenset({"relations"} if hparams["temporal_relations"] else set()) | (
+            {"encoder"} if trainable else set())
+
     def encode(self, x: Tensor) -> Encoding:
-        """Maps [B, N, H, W, C] (channels last, as cached) -> :class:`Encoding`."""
+        """Maps [B, N, H, W, C] (channels last, as cached) -> frames ẑ [B, N, frame_dim], relations z̃ [B, N-1, Dt].
+
+        With per-scale module copies each temporal scale reads its own copy's frame features; ``frames`` is
+        then their mean over the copies (what a method's frame-level part reads). ``extras["log_assignments"]``
+        holds one [B·N, HW, K] per SGM copy (empty without grouping).
+        """
         if x.dim() != 5 or x.shape[1] != self.num_segments or tuple(x.shape[2:]) != self.feat_shape:
             expected = (self.num_segments, *self.feat_shape)
-            raise HeadError(f"head '{self.name}' expects maps [B, N, H, W, C] with (N, H, W, C) = {expected}, "
-                            f"got {tuple(x.shape)}")
+            raise HeadError(f"architecture '{self.name}' expects maps [B, N, H, W, C] with (N, H, W, C) = "
+                            f"{expected}, got {tuple(x.shape)}")
         if self.mixstyle is not None:
             x = self.mixstyle(x)
         batch, segments = x.shape[:2]
         maps = x.flatten(0, 1).permute(0, 3, 1, 2)                      # channels first for the convs
         draw = self.training or self.hparams["eval_tuples"] == "random"
         encoded = [encoder(maps, draw) for encoder in self.frame_encoders]
-        frames = [features.view(batch, segments, -1) for features, _ in encoded]
-        log_assignments = [log_assign for _, log_assign in encoded if log_assign is not None]
+        per_copy = [features.view(batch, segments, -1) for features, _ in encoded]
+        extras = {"log_assignments": [log_assign for _, log_assign in encoded if log_assign is not None]}
+        frames = per_copy[0] if len(per_copy) == 1 else torch.stack(per_copy).mean(dim=0)
         if self.temporal is None:
-            return Encoding(frames[0].mean(dim=1), None, log_assignments)
-        shared = len(frames) == 1      # one frame encoder serves every temporal scale
-        relations = self.temporal(frames * len(self.temporal.scales) if shared else frames, draw)
+            return Encoding(frames, None, extras)
+        shared = len(per_copy) == 1      # one frame encoder serves every temporal scale
+        relations = self.temporal(per_copy * len(self.temporal.scales) if shared else per_copy, draw)
+        return Encoding(frames, relations, extras)
+
+    def aggregate(self, parts: Tensor) -> Tensor:
+        """ž = Σ_m H^a_m(z̃_m) over relations [B, N-1, Dt] (the plain sum without SE); TSN's mean over frames."""
+        if self.temporal is None:
+            return parts.mean(dim=1)
         if self.modulators is None:
-            video = relations.sum(dim=1)
-        else:
-            video = sum(modulate(relations[:, i]) for i, modulate in enumerate(self.modulators))   # ž
-        return Encoding(video, relations, log_assignments)
+            return parts.sum(dim=1)
+        return sum(modulate(parts[:, i]) for i, modulate in enumerate(self.modulators))
 
-    def video_features(self, x: Tensor) -> Tensor:
-        """[B, N, H, W, C] -> [B, D], the aggregated video feature the classifier reads."""
-        return self.encode(x).video
+    def class_logits(self, dropped: Tensor) -> Tensor:
+        """F(ž); with ``tuple_reduction=official`` the code's Σ_m F(H^a_m(z̃_m)), i.e. F's bias once per scale."""
+        logits = self.classifier[1](dropped)
+        if self.temporal is not None and self.hparams["tuple_reduction"] == "official":
+            logits = logits + (self.num_scales - 1) * self.classifier[1].bias
+        return logits
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, N, H, W, C] -> logits [B, num_classes]."""
-        return self.classifier(self.encode(x).video)
-
-    def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
-        """One SGD step on eq. 8 (the parts of the disabled components drop out). ``tgt`` is ignored: DG."""
+    def aux_losses(self, encoding: Encoding, labels: Tensor) -> dict[str, Tensor]:
+        """``loss_grouping`` = λ_ent (L_emin + L_emax) (eq. 3-4) over every encoded video, as they need no labels;
+        ``loss_relation`` = λ_rel L_rel (eq. 7) over the first ``len(labels)`` videos. Each is present only while
+        its component is on. Per-scale SGM copies: their losses are averaged, as the official code does."""
         h = self.hparams
-        encoding = self.encode(src.x)
-        classification = F.cross_entropy(self.classifier(encoding.video), src.y)
-        loss, logs = classification, {"cls": classification.item()}
-        if encoding.log_assignments:       # per-scale copies: averaged over the copies, as the official code
-            parts = [grouping_losses(log_assign, h["grouping_variant"]) for log_assign in encoding.log_assignments]
+        terms = {}
+        log_assignments = encoding.extras["log_assignments"]
+        if log_assignments:
+            parts = [grouping_losses(log_assign, h["grouping_variant"]) for log_assign in log_assignments]
             emin = torch.stack([p[0] for p in parts]).mean()
             emax = torch.stack([p[1] for p in parts]).mean()
-            loss = loss + h["lambda_ent"] * (emin + emax)
-            logs.update(entropy_min=emin.item(), entropy_max=emax.item())
+            terms["loss_grouping"] = h["lambda_ent"] * (emin + emax)
         if encoding.relations is not None:
-            relation_logits = self.relation_classifier(encoding.relations)                      # [B, N-1, (N-1)C]
+            relation_logits = self.relation_classifier(encoding.relations[:len(labels)])       # [B, N-1, (N-1)C]
             relation = F.cross_entropy(relation_logits.flatten(0, 1),
-                                       relation_labels(src.y, self.num_segments).flatten())    # eq. 7
-            loss = loss + h["lambda_rel"] * relation
-            logs["relation"] = relation.item()
-        return {"loss": loss.item(), **logs, **self.optimizer_step(self.optimizer, loss, progress)}
+                                       relation_labels(labels, self.num_segments).flatten())
+            terms["loss_relation"] = h["lambda_rel"] * relation
+        return terms
 
     @torch.no_grad()
     def diagnostics(self, x: Tensor) -> dict[str, float]:
@@ -427,8 +449,8 @@ class STDN(Head):
         ``group_db_index`` (Fig. 5, with grouping): the same positions clustered by their most likely SGM group,
         averaged over frames with at least two non-empty groups (NaN if none); ``groups_used``: non-empty groups
         per frame. The cached positions are fixed, so the K-means index is a property of the cache (the same for
-        every head) and the SGM's index says how it partitions those positions, not (as in the paper) how a
-        fine-tuned backbone moves them.
+        every architecture) and the SGM's index says how it partitions those positions, not (as in the paper)
+        how a fine-tuned backbone moves them.
         """
         encoding = self.encode(x)
         results = {}
@@ -438,8 +460,9 @@ class STDN(Head):
         k = self.hparams["num_groups"]
         results["kmeans_db_index"] = (davies_bouldin(positions, kmeans(positions, k), k).nanmean().item()
                                       if positions.shape[1] >= k else torch.nan)     # K-means starts from K points
-        if encoding.log_assignments:
-            labels = [log_assign.argmax(dim=-1) for log_assign in encoding.log_assignments]
+        log_assignments = encoding.extras["log_assignments"]
+        if log_assignments:
+            labels = [log_assign.argmax(dim=-1) for log_assign in log_assignments]
             index = torch.cat([davies_bouldin(positions, label, k) for label in labels])
             results["group_db_index"] = index.nanmean().item()
             used = torch.cat([F.one_hot(label, k).amax(dim=1).sum(dim=1) for label in labels])
@@ -453,25 +476,25 @@ def with_components(*switched_on: str) -> dict[str, HParam]:
             for name, spec in STDN.HPARAMS.items()}
 
 
-@register
+@register_architecture
 class STDNWithoutSE(STDN):
     """Table 3 '+MixStyle': STDN with the temporal scales summed as they are, without SE modulation."""
 
     name = "stdn-mixstyle"
-    summary = "STDN ablation (Table 3 '+MixStyle'): full STDN without the SE aggregation; DG"
+    summary = "STDN ablation (Table 3 '+MixStyle'): full STDN without the SE aggregation"
     HPARAMS = with_components("mixstyle", "grouping", "spatial_relations", "temporal_relations")
 
 
-@register
+@register_architecture
 class STDNRelations(STDN):
     """Table 3 '+STRM': SGM and the full spatial-temporal relation module, no MixStyle, no SE aggregation."""
 
     name = "stdn-strm"
-    summary = "STDN ablation (Table 3 '+STRM'): SGM + spatial and temporal relations with L_rel; DG"
+    summary = "STDN ablation (Table 3 '+STRM'): SGM + spatial and temporal relations with L_rel"
     HPARAMS = with_components("grouping", "spatial_relations", "temporal_relations")
 
 
-@register
+@register_architecture
 class STDNTemporalRelations(STDN):
     """Table 3 '+TRM': SGM, then temporal relations with L_rel over the K group features side by side.
 
@@ -480,21 +503,20 @@ class STDNTemporalRelations(STDN):
     """
 
     name = "stdn-trm"
-    summary = "STDN ablation (Table 3 '+TRM'): SGM + temporal relations with L_rel (no spatial relations); DG"
+    summary = "STDN ablation (Table 3 '+TRM'): SGM + temporal relations with L_rel (no spatial relations)"
     HPARAMS = with_components("grouping", "temporal_relations")
-    PRESETS = {**STDN.PRESETS, "no-sgm": {"grouping": False}}
 
 
-@register
+@register_architecture
 class STDNGrouping(STDN):
     """Table 3 '+SGM': the TSN baseline on the K SGM group features side by side, with the entropy losses."""
 
     name = "stdn-sgm"
-    summary = "STDN ablation (Table 3 '+SGM'): spatial grouping, then TSN's classifier and mean over segments; DG"
+    summary = "STDN ablation (Table 3 '+SGM'): spatial grouping, then TSN's classifier and mean over segments"
     HPARAMS = with_components("grouping")
 
 
-@register
+@register_architecture
 class TSNMaps(STDN):
     """Table 3 'Backbone' (TSN): spatial average of each map, dropout, linear classifier, mean over segments.
 
@@ -502,5 +524,18 @@ class TSNMaps(STDN):
     """
 
     name = "tsn-maps"
-    summary = "STDN's baseline (Table 3 'Backbone'): TSN on spatially pooled maps, linear classifier; DG"
+    summary = "STDN's baseline (Table 3 'Backbone'): TSN on spatially pooled maps, linear classifier"
     HPARAMS = with_components()
+
+
+STDN_FAMILY = ("tsn-maps", "stdn-sgm", "stdn-trm", "stdn-strm", "stdn-mixstyle", "stdn")
+
+register_preset(Preset(
+    "official", "STDN's scripts/train_hmdbucf.sh and ops/STDNmodule.py: lambda_ent 0.15, the column-normalised "
+    "assignment, per-scale module copies, tuples re-drawn at evaluation, cross-half MixStyle, summed tuples and "
+    "per-scale logits",
+    {"lambda_ent": 0.15, "grouping_variant": "official", "spatial_modules": "per_scale", "eval_tuples": "random",
+     "mixstyle_pairing": "crosshalf", "tuple_reduction": "official"},
+    architectures=STDN_FAMILY))
+register_preset(Preset("no-sgm", "issue 5's '+TRM' and Fig. 4's 'TRM': temporal relations with L_rel on the "
+                       "spatially pooled maps, no SGM", {"grouping": False}, architectures=("stdn-trm",)))

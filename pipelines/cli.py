@@ -15,7 +15,8 @@ from extract.run import ExtractConfig, run_extract
 from extract.store import FeatureStore, StoreError
 from extract.store.summary import format_summary, store_summary
 from extract.synth import SynthConfig, describe, generate
-from heads import base as heads
+import heads
+from heads.method import missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
@@ -147,41 +148,69 @@ def parse_overrides(config_file: Path | None, assignments: tuple[str, ...]) -> d
     return overrides
 
 
-def list_heads() -> str:
-    rows = [f"  {name:14} {cls.input:6} {'/'.join(sorted(cls.settings)):5} {cls.summary}"
-            + (f" [presets: {', '.join(cls.PRESETS)}]" if cls.PRESETS else "")
-            for name, cls in heads.available().items()]
-    return "heads (name, input, settings, summary):\n" + "\n".join(rows)
+def list_models() -> str:
+    """The architectures, the methods and the matrix of which method runs on which architecture."""
+    archs, registered = heads.architectures(), heads.methods()
+    lines = ["architectures (--head; name, input, summary):"]
+    lines += [f"  {name:14} {cls.input:6} {cls.summary}" for name, cls in archs.items()]
+    lines.append("methods (--method; name, settings, needs, summary):")
+    lines += [f"  {name:8} {'/'.join(sorted(cls.settings)):5} {'+'.join(sorted(cls.needs)) or '-':10} {cls.summary}"
+              for name, cls in registered.items()]
+    width = max(map(len, archs))
+    lines.append("which method runs on which architecture (x: yes; .: lacks a part the method needs):")
+    lines.append(" " * (width + 2) + " ".join(f"{name:>6}" for name in registered))
+    for arch_name, arch_cls in archs.items():
+        cells = [f"{'x' if not missing_parts(arch_cls, method_cls) else '.':>6}" for method_cls in registered.values()]
+        lines.append(f"  {arch_name:{width}} " + " ".join(cells))
+    lines.append("presets (--preset NAME; which methods on which architectures):")
+    for entry in registered_presets():
+        applies = (f"{'/'.join(entry.methods) or 'any method'} on {'/'.join(entry.architectures) or 'any architecture'}")
+        trainer = f"; sets {', '.join(f'{k}={v}' for k, v in entry.trainer.items())}" if entry.trainer else ""
+        lines.append(f"  {entry.name:18} {applies}: {entry.help}{trainer}")
+    return "\n".join(lines)
+
+
+def split_streams(_ctx, _param, value: str) -> tuple[str, ...]:
+    return tuple(stream.strip() for stream in value.split(",") if stream.strip())
 
 
 @main.command()
 @click.option("--store", "store_path", type=click.Path(file_okay=False, path_type=Path), help="Feature store.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Manifest of the store's videos.")
-@click.option("--head", required=True, help="Registered head; `--head help` lists them.")
+@click.option("--head", required=True, help="Architecture; `--head help` lists architectures, methods and the matrix.")
+@click.option("--method", default="erm", show_default=True, help="Training method (DG/DA); see `--head help`.")
 @click.option("--source", help="Labelled source domain.")
-@click.option("--target", default=None, help="Target domain (unlabelled train split in da; evaluated in both).")
-@click.option("--setting", type=click.Choice(["dg", "da"]), default="dg", show_default=True)
+@click.option("--target", default=None, help="Target domain (unlabelled train split in da; evaluated in all).")
+@click.option("--setting", type=click.Choice(["dg", "da", "target-only"]), default="dg", show_default=True,
+              help="target-only: train on the target's labelled train split (the upper bound).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML mapping of hyper-parameter overrides.")
 @click.option("--set", "assignments", multiple=True, help="name=value hyper-parameter override (repeatable).")
-@click.option("--preset", default=None, help="A head's named hyper-parameter set (`--head help` lists them).")
+@click.option("--preset", default=None, help="A named set of hyper-parameters (and trainer options) of the pair.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--segments", "num_segments", default=5, show_default=True, help="TSN segments per video.")
-@click.option("--train-sampling", type=click.Choice(["random", "centre"]), default="random", show_default=True)
+@click.option("--segments", "num_segments", default=5, show_default=True, type=click.IntRange(min=1),
+              help="TSN segments per video.")
+@click.option("--train-sampling", type=click.Choice(["random", "centre"]), default=None,
+              help="Step per training segment [default: the preset's, else random].")
 @click.option("--features", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
               help="Hold features in (GPU) memory, stream them from the store, or decide from their size.")
-@click.option("--memory-budget-gb", type=float, default=None, help="Budget for --features auto.")
+@click.option("--memory-budget-gb", type=click.FloatRange(min=0), default=None, help="Budget for --features auto.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes when streaming.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes when streaming.")
 @click.option("--eval-split", default=None, help="Target split to report [default: test, else val].")
 @click.option("--skip-missing", is_flag=True, help="Train without manifest videos the store lacks.")
-@click.option("--stream", default="rgb", show_default=True)
+@click.option("--stream", "streams", default="rgb", show_default=True, callback=split_streams,
+              help="Stream(s) of the store to read, comma-separated: rgb,flow trains on both.")
+@click.option("--fusion", type=click.Choice(["late", "early"]), default="late", show_default=True,
+              help="Several streams: late (one architecture per stream, logits averaged) or early (features "
+                   "concatenated per step).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 def train(store_path, manifest, head, config_file, assignments, out, resume, **options) -> None:
-    """Stage two: train a head on cached features (DG or DA protocol) and evaluate it every epoch."""
+    """Stage two: train an architecture with a method on cached features and evaluate it every epoch."""
     if head == "help":
-        click.echo(list_heads())
+        click.echo(list_models())
         return
     for name, value in (("--store", store_path), ("--manifest", manifest), ("--source", options["source"]),
                         ("--out", out)):
@@ -217,14 +246,17 @@ def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device, w
 @click.option("--seed", default=0, show_default=True)
 @click.option("--videos-per-class", default=DemoConfig.videos_per_class, show_default=True)
 @click.option("--frame-size", default=DemoConfig.frame_size, show_default=True)
-@click.option("--head", "head_names", multiple=True, help="Only these heads (repeatable) [default: all].")
-@click.option("--epochs", default=DemoConfig.epochs, show_default=True, help="Training epochs per head.")
+@click.option("--head", "head_names", multiple=True, help="Only the runs of these architectures (repeatable).")
+@click.option("--method", "method_names", multiple=True, help="Only the runs of these methods (repeatable).")
+@click.option("--epochs", default=DemoConfig.epochs, show_default=True, type=click.IntRange(min=1),
+              help="Training epochs per run.")
 @click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-def demo(out: Path, seed: int, videos_per_class: int, frame_size: int, head_names: tuple[str, ...], epochs: int,
-         store_format: str) -> None:
-    """Synth -> extract -> train every head -> table of source-val and target accuracies (minutes on a CPU)."""
+def demo(out: Path, seed: int, videos_per_class: int, frame_size: int, head_names: tuple[str, ...],
+         method_names: tuple[str, ...], epochs: int, store_format: str) -> None:
+    """Synth -> extract -> train a grid of methods x architectures -> table of accuracies (minutes on a CPU)."""
     run_demo(DemoConfig(out=out, seed=seed, videos_per_class=videos_per_class, frame_size=frame_size,
-                        heads=head_names, epochs=epochs, store_format=store_format), echo=click.echo)
+                        heads=head_names, methods=method_names, epochs=epochs, store_format=store_format),
+             echo=click.echo)
 
 
 if __name__ == "__main__":

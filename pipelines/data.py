@@ -8,11 +8,16 @@ same numbers, and the choice between them is just a matter of whether the featur
 TSN sampling (DESIGN §6, TA3N code ``dataset.py``): a video's T steps are cut into N equal segments; training
 takes one random step per segment (or the segment centre, the official TA3N code's choice); evaluation takes
 the centres ``int(T/N/2 + T/N*i)``. Videos shorter than N repeat their last step.
+
+Several streams of one store (``--stream rgb,flow``) share one batch plan: a video's steps are cut to the range
+every stream has (optical flow has one step fewer per clip than RGB), so the same step of every stream is read.
+A batch is then {stream: features} (late fusion, one architecture per stream) or the streams' features
+concatenated per step on the channel axis (early fusion, EPIC's ``ALL``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,9 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract.manifest import VideoEntry
 from extract.store import FeatureStore, StoreError
+from heads.base import Inputs, map_inputs
 
 TRAIN_SAMPLINGS = ("random", "centre")
 FEATURE_PLACES = ("auto", "memory", "stream")
+FUSIONS = ("late", "early")
 
 
 def centre_steps(n_steps: int, num_segments: int) -> np.ndarray:
@@ -45,60 +52,84 @@ def random_steps(n_steps: int, num_segments: int, generator: torch.Generator) ->
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which videos (positions in a FeatureSet) and which steps of each, [B] and [B, N]."""
+    """Which videos (positions in a FeatureSet) and which steps of each, [B] and [B, N].
+
+    ``extra``: positions among the examples a method added to the training data (Volpi's ADA), drawn into the
+    same batch; empty when there are none.
+    """
 
     videos: np.ndarray
     steps: np.ndarray
+    extra: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def combine_streams(per_stream: dict[str, torch.Tensor], fusion: str) -> Inputs:
+    """One stream's tensor as it is; several as {stream: tensor} (late) or concatenated channels (early)."""
+    if len(per_stream) == 1:
+        return next(iter(per_stream.values()))
+    return per_stream if fusion == "late" else torch.cat(list(per_stream.values()), dim=-1)
 
 
 class FeatureSet:
-    """The videos of one domain and split: ids, labels (None for unlabelled target data) and their features."""
+    """The videos of one domain and split: ids, labels (None for unlabelled target data) and their features,
+    in one or several streams of a store (combined as ``fusion`` says, :func:`combine_streams`)."""
 
     def __init__(self, store: FeatureStore, entries: list[VideoEntry], array: str, class_index: dict[str, int],
-                 labelled: bool = True, stream: str = "rgb") -> None:
+                 labelled: bool = True, streams: tuple[str, ...] = ("rgb",), fusion: str = "late") -> None:
         if not entries:
             raise ValueError("a feature set needs at least one video")
-        records = store.videos(stream)
-        missing = [entry.video_id for entry in entries if entry.video_id not in records]
-        if missing:
-            raise StoreError(f"{len(missing)} video(s) of domain {entries[0].domain!r}, split {entries[0].split!r} "
-                             f"are not in the store {store.root} (e.g. {', '.join(missing[:3])}); extract them "
-                             f"(`vidshift extract` resumes), check `vidshift store info` for failures, or pass "
-                             f"--skip-missing to train without them")
-        self.store, self.array, self.stream = store, array, stream
+        self.store, self.array, self.streams, self.fusion = store, array, tuple(streams), fusion
         self.video_ids = [entry.video_id for entry in entries]
-        self.n_steps = np.array([records[vid].n_steps for vid in self.video_ids])
+        steps_per_stream = []
+        for stream in self.streams:
+            records = store.videos(stream)
+            missing = [vid for vid in self.video_ids if vid not in records]
+            if missing:
+                raise StoreError(f"{len(missing)} video(s) of domain {entries[0].domain!r}, split "
+                                 f"{entries[0].split!r} are not in stream {stream!r} of the store {store.root} (e.g. "
+                                 f"{', '.join(missing[:3])}); extract them (`vidshift extract` resumes), check "
+                                 f"`vidshift store info` for failures, or pass --skip-missing to train without them")
+            steps_per_stream.append(np.array([records[vid].n_steps for vid in self.video_ids]))
+        self.stream_steps = dict(zip(self.streams, steps_per_stream))   # each stream's own length, for offsets
+        self.n_steps = np.min(steps_per_stream, axis=0)                  # the range every stream has
         self.labels = torch.tensor([class_index[entry.label] for entry in entries]) if labelled else None
-        self._memory: tuple[torch.Tensor, np.ndarray] | None = None
+        self._memory: dict[str, tuple[torch.Tensor, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.video_ids)
 
     def nbytes(self) -> int:
         """Memory the features take when held whole (stored dtype: float16 maps, float32 pooled)."""
-        record = self.store.videos(self.stream)[self.video_ids[0]]
-        row = self.store.read(record.video_id, self.array, steps=[0], stream=self.stream)
-        return int(self.n_steps.sum()) * row[0].nbytes
+        total = 0
+        for stream in self.streams:
+            row = self.store.read(self.video_ids[0], self.array, steps=[0], stream=stream)
+            total += int(self.stream_steps[stream].sum()) * row[0].nbytes
+        return total
 
     def load(self, device: torch.device) -> None:
-        """Hold every step of every video in one tensor on ``device`` (fast random access during training)."""
-        rows = [self.store.read(vid, self.array, stream=self.stream) for vid in self.video_ids]
-        offsets = np.concatenate([[0], np.cumsum(self.n_steps)[:-1]])
-        self._memory = (torch.from_numpy(np.concatenate(rows)).to(device), offsets)
+        """Hold every step of every video in one tensor per stream on ``device`` (fast random access)."""
+        self._memory = {}
+        for stream in self.streams:
+            rows = [self.store.read(vid, self.array, stream=stream) for vid in self.video_ids]
+            offsets = np.concatenate([[0], np.cumsum(self.stream_steps[stream])[:-1]])
+            self._memory[stream] = (torch.from_numpy(np.concatenate(rows)).to(device), offsets)
 
     @property
     def in_memory(self) -> bool:
         return self._memory is not None
 
-    def gather(self, plan: BatchPlan) -> torch.Tensor:
+    def gather(self, plan: BatchPlan) -> Inputs:
         """Features [B, N, ...] float32 of a plan, from memory (call ``load`` first)."""
-        features, offsets = self._memory
-        index = torch.from_numpy(offsets[plan.videos][:, None] + plan.steps).to(features.device)
-        return features[index].float()
+        per_stream = {}
+        for stream, (features, offsets) in self._memory.items():
+            index = torch.from_numpy(offsets[plan.videos][:, None] + plan.steps).to(features.device)
+            per_stream[stream] = features[index].float()
+        return combine_streams(per_stream, self.fusion)
 
-    def read(self, video: int, steps: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.store.read(self.video_ids[video], self.array, steps=steps,
-                                                stream=self.stream)).float()
+    def read(self, video: int, steps: np.ndarray) -> Inputs:
+        return combine_streams({stream: torch.from_numpy(self.store.read(self.video_ids[video], self.array,
+                                                                         steps=steps, stream=stream)).float()
+                                for stream in self.streams}, self.fusion)
 
     def eval_plans(self, num_segments: int, batch_size: int) -> list[BatchPlan]:
         """Every video once, in order, at its segment centres."""
@@ -107,19 +138,25 @@ class FeatureSet:
         return [BatchPlan(order[i:i + batch_size], steps[i:i + batch_size]) for i in range(0, len(self), batch_size)]
 
     def epoch_plans(self, num_segments: int, batch_size: int, num_batches: int, sampling: str,
-                    generator: torch.Generator) -> list[BatchPlan]:
-        """``num_batches`` batches drawn without replacement, reshuffling whenever the videos run out."""
+                    generator: torch.Generator, extra: int = 0) -> list[BatchPlan]:
+        """``num_batches`` batches drawn without replacement, reshuffling whenever the videos run out.
+
+        With ``extra`` added examples, batches are drawn from the videos and those examples together (positions
+        from ``len(self)`` on are the examples), so each is seen once per epoch as a video is.
+        """
         order = []
         while len(order) < num_batches * batch_size:
-            order.extend(torch.randperm(len(self), generator=generator).tolist())
+            order.extend(torch.randperm(len(self) + extra, generator=generator).tolist())
         plans = []
         for b in range(num_batches):
-            videos = np.array(order[b * batch_size:(b + 1) * batch_size])
+            drawn = np.array(order[b * batch_size:(b + 1) * batch_size])
+            videos, added = drawn[drawn < len(self)], drawn[drawn >= len(self)] - len(self)
             if sampling == "centre":
-                steps = np.stack([centre_steps(self.n_steps[v], num_segments) for v in videos])
+                steps = [centre_steps(self.n_steps[v], num_segments) for v in videos]
             else:
-                steps = np.stack([random_steps(self.n_steps[v], num_segments, generator) for v in videos])
-            plans.append(BatchPlan(videos, steps))
+                steps = [random_steps(self.n_steps[v], num_segments, generator) for v in videos]
+            plans.append(BatchPlan(videos, np.array(steps, dtype=np.int64).reshape(len(videos), num_segments),
+                                   added))
         return plans
 
 
@@ -132,13 +169,19 @@ class _PlanDataset(Dataset):
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> Inputs:
         plan = self.plans[i]
-        return torch.stack([self.features.read(v, s) for v, s in zip(plan.videos, plan.steps)])
+        if not len(plan.videos):    # a batch of added examples only (ADA)
+            return {}
+        videos = [self.features.read(v, s) for v, s in zip(plan.videos, plan.steps)]
+        return map_inputs(lambda *per_video: torch.stack(per_video), *videos)
 
 
 def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: torch.device):
-    """Yield (plan, features [B, N, ...] on ``device``) for each plan, from memory or streamed."""
+    """Yield (plan, features [B, N, ...] on ``device``, or {stream: ...}) for each plan, from memory or streamed.
+
+    A plan without videos (only added examples) yields an empty dict as features.
+    """
     if features.in_memory:
         for plan in plans:
             yield plan, features.gather(plan)
@@ -148,7 +191,7 @@ def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: 
     loader = DataLoader(_PlanDataset(features, plans), batch_size=None, num_workers=workers,
                         prefetch_factor=4 if workers else None, generator=torch.Generator())
     for plan, batch in zip(plans, loader):
-        yield plan, batch.to(device)
+        yield plan, map_inputs(lambda x: x.to(device), batch) if len(plan.videos) else {}
 
 
 def place_features(sets: list[FeatureSet], where: str, device: torch.device, budget_bytes: int) -> str:

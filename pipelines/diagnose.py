@@ -1,7 +1,8 @@
 """Domain discrepancy of a trained run (TA3N §5.3, Table 9): how far apart its source and target video features are.
 
 ``vidshift diagnose RUN_DIR --store S --manifest M [--source D --target D] [--split test]`` loads the run as
-``vidshift eval`` does, computes each video's feature ``head.video_features(x)`` at its segment centres, for the
+``vidshift eval`` does, computes each video's representation ``model.features(x)`` (the architecture's z) at its
+segment centres, for the
 ``split`` videos of both domains, and writes ``diagnose.json`` into the run dir with:
 
 1. ``mmd``: the biased MMD² between source and target features, one Gaussian kernel
@@ -14,8 +15,8 @@
    above it when there is nothing to find) and balanced accuracy (0.5 at chance). Higher loss and accuracy
    nearer 0.5: closer domains. TA3N's Table 9 reports the domain loss of its own discriminators; a post-hoc
    discriminator compares heads with and without discriminators on equal terms.
-3. ``head_measures``: per domain, the head's own measures averaged over videos (over the batches where each is
-   defined, i.e. not NaN), when it has ``diagnostics(x) -> dict``.
+3. ``head_measures``: per domain, the method's and the architecture's own measures (``diagnostics(x)``) averaged
+   over videos (over the batches where each is defined, i.e. not NaN).
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ from torch import Tensor, nn
 from extract.manifest import ManifestError, read_manifest
 from extract.store import StoreError
 from heads.da_baselines import mmd2, squared_distances
+from heads.base import batch_size
+from heads.method import Method
 from pipelines.data import FeatureSet, iterate
 from pipelines.evaluate import EVAL_BATCH, load_run
-from pipelines.runs import RunError, open_feature_set, select
+from pipelines.runs import RunError, select
 
 DISCRIMINATOR_HIDDEN = 64
 DISCRIMINATOR_STEPS = 100
@@ -103,15 +106,14 @@ def mean_over_videos(batches: list[tuple[int, dict[str, float]]]) -> dict[str, f
 
 
 @torch.no_grad()
-def video_features(head: nn.Module, features: FeatureSet, num_segments: int, workers: int,
+def video_features(model: Method, features: FeatureSet, num_segments: int, workers: int,
                    device: torch.device) -> tuple[Tensor, dict[str, float]]:
-    """Video features [V, D] at segment centres, and the head's ``diagnostics`` averaged over the V videos."""
-    head.eval()
+    """Video features [V, D] at segment centres, and the model's ``diagnostics`` averaged over the V videos."""
+    model.eval()
     rows, measures = [], []
     for _, x in iterate(features, features.eval_plans(num_segments, EVAL_BATCH), workers, device):
-        rows.append(head.video_features(x).float().cpu())
-        if hasattr(head, "diagnostics"):
-            measures.append((len(x), head.diagnostics(x)))
+        rows.append(model.features(x).float().cpu())
+        measures.append((batch_size(x), model.diagnostics(x)))
     return torch.cat(rows), mean_over_videos(measures)
 
 
@@ -124,22 +126,19 @@ def diagnose_run(run_dir: Path, store_path: Path, manifest: Path, source: str | 
     """
     run = load_run(run_dir, store_path, checkpoint, device)
     config = run.config
-    if not hasattr(run.head, "video_features"):
-        raise RunError(f"head {config['head']!r} has no video_features(x); diagnose measures video features")
     domains = {"source": source or config["source"], "target": target or config["target"]}
     if domains["target"] is None:
         raise RunError(f"{run_dir} was trained without a target domain; pass --target DOMAIN")
     entries = read_manifest(manifest)
     features, measures = {}, {}
     for role, domain in domains.items():
-        feature_set = open_feature_set(run.store, select(entries, domain, split), run.head.input,
-                                       run.record["classes"], config["stream"], skip_missing=False, labelled=False)
+        feature_set = run.open_features(select(entries, domain, split), labelled=False)
         if feature_set is None:
             raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")
-        run.head.set_eval_domain(role)   # AdaBN: normalise each domain with its own statistics
-        features[role], measures[role] = video_features(run.head, feature_set, config["num_segments"], workers,
+        run.model.set_eval_domain(role)   # AdaBN: normalise each domain with its own statistics
+        features[role], measures[role] = video_features(run.model, feature_set, config["num_segments"], workers,
                                                         run.device)
-    report = {"run": str(run_dir), "head": config["head"], "checkpoint": checkpoint, "split": split, **domains,
+    report = {"run": str(run_dir), "head": config["head"], "method": config["method"], "checkpoint": checkpoint, "split": split, **domains,
               "videos": {role: len(f) for role, f in features.items()}, "feature_dim": features["source"].shape[1],
               "mmd": {**median_heuristic_mmd2(features["source"], features["target"]),
                       "kernel": "exp(-d^2 / (2 sigma2)), sigma2 = median squared distance (median heuristic)"},

@@ -11,20 +11,22 @@ import yaml
 
 from extract.manifest import read_manifest
 from extract.store import FeatureStore
-from heads import base as heads
+import heads
+from heads.method import Method, lookup
 from pipelines.data import FeatureSet, iterate
-from pipelines.runs import RunError, check_store_matches, feature_shape, open_feature_set, resolve_device, select
+from pipelines.runs import (RunError, check_store_matches, feature_shape, open_feature_set, resolve_device,
+                            select)
 
 EVAL_BATCH = 256
 
 
 @torch.no_grad()
-def predict(head: heads.Head, features: FeatureSet, num_segments: int, workers: int,
+def predict(model: Method, features: FeatureSet, num_segments: int, workers: int,
             device: torch.device) -> torch.Tensor:
     """Logits [V, classes] of every video of ``features``, in order, from its segment centres."""
-    head.eval()
+    model.eval()
     plans = features.eval_plans(num_segments, EVAL_BATCH)
-    return torch.cat([head(x).float().cpu() for _, x in iterate(features, plans, workers, device)])
+    return torch.cat([model.predict(x).float().cpu() for _, x in iterate(features, plans, workers, device)])
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -41,16 +43,22 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 @dataclass
 class LoadedRun:
-    """A trained run ready to evaluate: its ``config.yaml`` record, the store it reads and the restored head."""
+    """A trained run ready to evaluate: its ``config.yaml`` record, the store it reads and the restored model."""
 
     record: dict
     store: FeatureStore
-    head: heads.Head
+    model: Method
     device: torch.device
 
     @property
     def config(self) -> dict:
         return self.record["config"]
+
+    def open_features(self, entries: list, labelled: bool = True) -> FeatureSet | None:
+        """The run's streams of ``entries`` in its store, combined as the run was trained."""
+        config = self.config
+        return open_feature_set(self.store, entries, self.model.arch.input, self.record["classes"],
+                                tuple(config["streams"]), False, labelled, config["fusion"])
 
 
 def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: str = "auto") -> LoadedRun:
@@ -61,21 +69,26 @@ def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: 
         raise RunError(f"{run_dir}: not a run dir (no config.yaml); pass the --out of a `vidshift train` run")
     record = yaml.safe_load(config_path.read_text())
     config = record["config"]
+    if "method" not in config:
+        raise RunError(f"{run_dir} was trained by a vidshift from before the architecture/method split (head "
+                       f"{config.get('head')!r}); evaluate it with that version, or retrain it")
+    streams = tuple(config["streams"])
     store = FeatureStore.open(store_path)
-    check_store_matches(record["store"], store, config["stream"])
-    registry = heads.available()
-    if config["head"] not in registry:
-        raise RunError(f"{run_dir} was trained with head {config['head']!r}, which this vidshift does not register "
-                       f"(it has {', '.join(registry)}); evaluate it with the version that trained it")
-    head_cls = registry[config["head"]]
+    check_store_matches(record["store"], store, streams)
+    try:
+        arch_cls, _ = lookup(config["head"], config["method"])
+    except heads.HeadError as error:
+        raise RunError(f"{run_dir} was trained with {config['method']!r} on {config['head']!r}: {error}; evaluate "
+                       f"it with the vidshift version that trained it") from None
     torch_device = resolve_device(device)
-    head = heads.build(config["head"], feature_shape(store, head_cls.input, config["stream"]),
-                       len(record["classes"]), config["num_segments"], record["head_hparams"]).to(torch_device)
+    model = heads.build(config["head"], config["method"], feature_shape(store, arch_cls.input, streams,
+                                                                        config["fusion"]),
+                        len(record["classes"]), config["num_segments"], record["hparams"]).to(torch_device)
     weights = run_dir / f"{checkpoint}.pt"
     if not weights.is_file():
         raise RunError(f"{weights} not found; use --checkpoint best or checkpoint (the last finished epoch)")
-    head.load_state_dict(torch.load(weights, map_location=torch_device, weights_only=True)["head"])
-    return LoadedRun(record, store, head, torch_device)
+    model.load_state_dict(torch.load(weights, map_location=torch_device, weights_only=True)["model"])
+    return LoadedRun(record, store, model, torch_device)
 
 
 def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, split: str,
@@ -85,11 +98,12 @@ def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, s
     run = load_run(run_dir, store_path, checkpoint, device)
     config, classes = run.config, run.record["classes"]
     entries = select(read_manifest(manifest), domain, split)
-    features = open_feature_set(run.store, entries, run.head.input, classes, config["stream"], skip_missing=False)
+    features = run.open_features(entries)
     if features is None:
         raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")
-    run.head.set_eval_domain("source" if domain == config["source"] else "target")  # AdaBN: whose BN statistics
-    logits = predict(run.head, features, config["num_segments"], workers, run.device)
+    trained_on = config["target"] if config["setting"] == "target-only" else config["source"]
+    run.model.set_eval_domain("source" if domain == trained_on else "target")  # AdaBN: whose BN statistics
+    logits = predict(run.model, features, config["num_segments"], workers, run.device)
     report = accuracy_report(logits, features.labels, len(classes))
     report.update(domain=domain, split=split, videos=len(features), checkpoint=checkpoint, classes=classes)
     stem = run_dir / f"eval-{domain}-{split}"

@@ -27,16 +27,25 @@ class RunError(ValueError):
     """A run cannot start or continue as asked; the message says what to change."""
 
 
-def store_identity(store: FeatureStore, stream: str) -> dict:
-    """The settings that make features comparable, and their hash."""
-    features = store.provenance(stream)["features"]
-    digest = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()
-    return {"features_sha256": digest, "backbone": features.get("backbone"), "weights": features.get("weights"),
-            "stream": stream, "path": str(store.root)}
+def store_identity(store: FeatureStore, streams: tuple[str, ...]) -> dict:
+    """The settings that make features comparable, over every stream a run reads, and their hash.
+
+    One stream hashes its feature settings alone (so runs recorded before multi-stream input still match).
+    """
+    per_stream = {stream: store.provenance(stream)["features"] for stream in streams}
+    hashed = per_stream[streams[0]] if len(streams) == 1 else per_stream
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    return {"features_sha256": digest, "backbone": {s: f.get("backbone") for s, f in per_stream.items()},
+            "weights": {s: f.get("weights") for s, f in per_stream.items()}, "streams": list(streams),
+            "path": str(store.root)}
 
 
-def check_store_matches(recorded: dict, store: FeatureStore, stream: str) -> None:
-    current = store_identity(store, stream)
+def check_store_matches(recorded: dict, store: FeatureStore, streams: tuple[str, ...]) -> None:
+    missing = [stream for stream in streams if stream not in store.streams]
+    if missing:
+        raise RunError(f"store {store.root} has no stream {', '.join(map(repr, missing))} that the run was trained "
+                       f"on; it has {', '.join(store.streams)}")
+    current = store_identity(store, streams)
     if current["features_sha256"] != recorded["features_sha256"]:
         raise RunError(f"store {store.root} holds different features than the run was trained on "
                        f"(run: {recorded['backbone']} / {recorded['weights']} from {recorded['path']}; this store: "
@@ -63,8 +72,8 @@ def select(entries: list[VideoEntry], domain: str, split: str) -> list[VideoEntr
 class RunInputs:
     store: FeatureStore
     classes: list[str]
-    feat_shape: tuple[int, ...]
-    source_train: FeatureSet
+    feat_shape: tuple[int, ...] | dict[str, tuple[int, ...]]
+    source_train: FeatureSet             # the labelled training set (the target's in target-only)
     source_val: FeatureSet | None
     target_train: FeatureSet | None      # unlabelled (da only)
     target_eval: FeatureSet | None
@@ -73,15 +82,33 @@ class RunInputs:
         return [s for s in (self.source_train, self.source_val, self.target_train, self.target_eval) if s]
 
 
-def feature_shape(store: FeatureStore, array: str, stream: str) -> tuple[int, ...]:
+def stream_feature_shape(store: FeatureStore, array: str, stream: str) -> tuple[int, ...]:
+    """One step's feature shape of ``stream``: (H, W, C) for maps, (C,) for pooled."""
     if array == "maps":
         shape = store.map_shape(stream)
         if shape is None:
-            raise StoreError(f"{store.root}: stream {stream!r} has pooled features only (imported); this head reads "
-                             f"spatial maps: extract the videos with `vidshift extract`, or choose a pooled head")
+            raise StoreError(f"{store.root}: stream {stream!r} has pooled features only (imported); this "
+                             f"architecture reads spatial maps: extract the videos with `vidshift extract`, or "
+                             f"choose a pooled architecture")
         return shape
     features = store.provenance(stream)["features"]
     return (features["map_shape"][-1] if features.get("map_shape") else features["channels"],)
+
+
+def feature_shape(store: FeatureStore, array: str, streams: tuple[str, ...],
+                  fusion: str = "late") -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    """What the model is built for: one stream's shape, {stream: shape} (late fusion) or the concatenation of the
+    streams' channels (early fusion, which needs the same spatial size in every stream)."""
+    shapes = {stream: stream_feature_shape(store, array, stream) for stream in streams}
+    if len(shapes) == 1:
+        return shapes[streams[0]]
+    if fusion == "late":
+        return shapes
+    spatial = {shape[:-1] for shape in shapes.values()}
+    if len(spatial) > 1:
+        raise RunError(f"early fusion concatenates the streams' channels, but their maps differ in size ({shapes}); "
+                       f"use --fusion late")
+    return (*spatial.pop(), sum(shape[-1] for shape in shapes.values()))
 
 
 def source_classes(entries: list[VideoEntry], source: str) -> list[str]:
@@ -106,24 +133,31 @@ def check_labels(entries: list[VideoEntry], classes: list[str]) -> None:
                        f"closed-set (the target's classes must be a subset of the source's)")
 
 
-def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str, classes: list[str], stream: str,
-                     skip_missing: bool, labelled: bool = True) -> FeatureSet | None:
+def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str, classes: list[str],
+                     streams: tuple[str, ...], skip_missing: bool, labelled: bool = True,
+                     fusion: str = "late") -> FeatureSet | None:
     if skip_missing:
-        present = store.videos(stream)
-        entries = [entry for entry in entries if entry.video_id in present]
+        present = [store.videos(stream) for stream in streams]
+        entries = [entry for entry in entries if all(entry.video_id in videos for videos in present)]
     if not entries:
         return None
     if labelled:
         check_labels(entries, classes)
-    return FeatureSet(store, entries, array, {name: i for i, name in enumerate(classes)}, labelled, stream)
+    return FeatureSet(store, entries, array, {name: i for i, name in enumerate(classes)}, labelled, streams, fusion)
 
 
 def load_run_inputs(config, array: str) -> RunInputs:
-    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits."""
+    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits.
+
+    ``target-only`` trains on the target's labelled train split (the upper bound of STCDA Tables 1-2) and selects
+    on the target's val split when that is not the split it reports; the classes stay the source's, so its numbers
+    compare with the DG/DA runs of the same pair.
+    """
     entries = read_manifest(config.manifest)
     store = FeatureStore.open(config.store)
-    if config.stream not in store.streams:
-        raise StoreError(f"{store.root}: no stream {config.stream!r}; it has {', '.join(store.streams)}")
+    missing = [stream for stream in config.streams if stream not in store.streams]
+    if missing:
+        raise StoreError(f"{store.root}: no stream {', '.join(map(repr, missing))}; it has {', '.join(store.streams)}")
     domains = sorted({entry.domain for entry in entries})
     for role, domain in (("--source", config.source), ("--target", config.target)):
         if domain is not None and domain not in domains:
@@ -132,21 +166,28 @@ def load_run_inputs(config, array: str) -> RunInputs:
     classes = source_classes(entries, config.source)
 
     def open_split(domain: str, split: str, labelled: bool = True) -> FeatureSet | None:
-        return open_feature_set(store, select(entries, domain, split), array, classes, config.stream,
-                                config.skip_missing, labelled)
+        return open_feature_set(store, select(entries, domain, split), array, classes, config.streams,
+                                config.skip_missing, labelled, config.fusion)
 
-    source_train = open_split(config.source, "train")
-    if source_train is None:
-        raise RunError(f"domain {config.source!r} has no train split in {config.manifest}")
     target_train = target_eval = None
+    eval_split = None
     if config.target:
         eval_split = config.eval_split or ("test" if select(entries, config.target, "test") else "val")
         target_eval = open_split(config.target, eval_split)
         if target_eval is None:
             raise RunError(f"domain {config.target!r} has no {eval_split!r} split in {config.manifest} to evaluate")
-        if config.setting == "da":
-            target_train = open_split(config.target, "train", labelled=False)  # target labels never load
-            if target_train is None:
-                raise RunError(f"--setting da needs the target's train split; {config.target!r} has none")
-    return RunInputs(store, classes, feature_shape(store, array, config.stream), source_train,
-                     open_split(config.source, "val"), target_train, target_eval)
+    if config.setting == "target-only":
+        train_domain = config.target
+        train_val = open_split(config.target, "val") if eval_split != "val" else None
+    else:
+        train_domain = config.source
+        train_val = open_split(config.source, "val")
+    train_set = open_split(train_domain, "train")
+    if train_set is None:
+        raise RunError(f"domain {train_domain!r} has no labelled train split in {config.manifest}")
+    if config.setting == "da":
+        target_train = open_split(config.target, "train", labelled=False)  # target labels never load
+        if target_train is None:
+            raise RunError(f"--setting da needs the target's train split; {config.target!r} has none")
+    return RunInputs(store, classes, feature_shape(store, array, config.streams, config.fusion), train_set,
+                     train_val, target_train, target_eval)

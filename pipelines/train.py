@@ -1,18 +1,22 @@
-"""Stage two: train a head from cached features under the DG or DA protocol (``vidshift train``, DESIGN §6).
+"""Stage two: train an architecture with a method from cached features (``vidshift train``, DESIGN §6).
 
-- ``dg``: the head sees the source domain's train split only; the checkpoint is selected on source val; the
+- ``dg``: the model sees the source domain's train split only; the checkpoint is selected on source val; the
   target is only evaluated.
 - ``da``: labelled source train plus the *unlabelled* target train split (``UnlabelledBatch`` has no labels),
   target batches sized by the ratio of the two training sets.
-Every epoch evaluates source val and the target evaluation split. ``metrics.json`` reports the target accuracy
-at the best source-val epoch (the selection a real DG/DA user can make), at the last epoch, and the oracle
-(best target epoch; labelled as such: it is what TA3N's and APN's official code report).
+- ``target-only``: the target's labelled train split, selected on target val (the upper bound of STCDA's tables).
+Every epoch starts with the method's ``before_epoch`` hook (Volpi's ADA appends adversarial examples there; the
+epoch then draws its batches from the training set and those examples together) and ends by evaluating the
+training domain's val split and the target evaluation split, under a forked RNG so that evaluation (STDN's random
+tuples) never shifts the training draws. ``metrics.json`` reports the target accuracy at the best val epoch (the
+selection a real DG/DA user can make), at the last epoch, and the oracle (best target epoch; labelled as such: it
+is what TA3N's and APN's official code report).
 
 A run dir holds ``config.yaml`` (everything needed to repeat it), ``metrics.json``, ``checkpoint.pt`` (last
-epoch: head, optimisers, CPU and CUDA RNG states; for ``--resume``), ``best.pt`` (head at the selected epoch) and
-``train.log``. All checkpoints are plain state dicts, loadable with ``torch.load(weights_only=True)``. A resume
-must repeat what decides the numbers (``RESULT_FIELDS``, hparams, classes, features, manifest); it may move the
-store or change how features are held.
+epoch: model with the method's added examples, optimisers, CPU and CUDA RNG states; for ``--resume``),
+``best.pt`` (model at the selected epoch) and ``train.log``. All checkpoints are plain state dicts, loadable with
+``torch.load(weights_only=True)``. A resume must repeat what decides the numbers (``RESULT_FIELDS``, hparams,
+classes, features, manifest); it may move the store or change how features are held.
 """
 from __future__ import annotations
 
@@ -21,27 +25,29 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
 from tqdm import tqdm
 
+import heads
 from extract.manifest import file_sha256
 from extract.provenance import software_versions
-from heads import base as heads
-from heads.base import LabelledBatch, UnlabelledBatch
-from pipelines.data import TRAIN_SAMPLINGS, iterate, place_features, target_batch_size
+from heads.base import LabelledBatch, UnlabelledBatch, batch_size, cat_inputs, map_inputs
+from heads.method import Method, lookup, missing_parts, PART_NAMES
+from pipelines.data import FUSIONS, TRAIN_SAMPLINGS, FeatureSet, iterate, place_features, target_batch_size
 from pipelines.evaluate import accuracy_report, predict
 from pipelines.runs import RunError, RunInputs, load_run_inputs, resolve_device, save_atomic, store_identity
 
 log = logging.getLogger("vidshift.train")
-SETTINGS = ("dg", "da")
+SETTINGS = ("dg", "da", "target-only")
 # The TrainConfig fields that change a run's numbers; --resume must repeat them (with the resolved hparams, classes,
 # features and manifest hashes). Paths, --features, --workers, --device and the memory budget may change.
-RESULT_FIELDS = ("head", "source", "target", "setting", "seed", "num_segments", "train_sampling", "eval_split",
-                 "skip_missing", "stream")
+RESULT_FIELDS = ("head", "method", "source", "target", "setting", "seed", "num_segments", "train_sampling",
+                 "eval_split", "skip_missing", "streams", "fusion")
 FALLBACK_BUDGET_GB = 2.0  # in-memory budget where the OS does not report free memory
 
 
@@ -49,26 +55,29 @@ FALLBACK_BUDGET_GB = 2.0  # in-memory budget where the OS does not report free m
 class TrainConfig:
     store: Path
     manifest: Path
-    head: str
+    head: str                                     # the architecture (``vidshift train --head help``)
     source: str
     out: Path
+    method: str = "erm"
     target: str | None = None
     setting: str = "dg"
-    hparams: dict = field(default_factory=dict)   # overrides of the head's defaults (--config / --set)
-    preset: str | None = None                     # a head's named override set, applied before ``hparams``
+    hparams: dict = field(default_factory=dict)   # overrides of the pair's defaults (--config / --set)
+    preset: str | None = None                     # a named override set of the pair, applied before ``hparams``
     seed: int = 0
     num_segments: int = 5
-    train_sampling: str = "random"                # TSN: random step per segment; "centre" as TA3N's code
+    train_sampling: str | None = None             # random (TSN) or centre (TA3N's code); None: the preset's, else random
     features: str = "auto"                        # auto | memory | stream
     memory_budget_gb: float | None = None         # for "auto"; default: half the free (GPU) memory
     device: str = "auto"
     workers: int = 2                              # DataLoader processes when streaming
     eval_split: str | None = None                 # target split to report; default test, else val
     skip_missing: bool = False
-    stream: str = "rgb"
+    streams: tuple[str, ...] = ("rgb",)
+    fusion: str = "late"                          # several streams: late (one architecture each) or early (concat)
 
     def as_dict(self) -> dict:
-        return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self).items()}
+        return {key: (str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value)
+                for key, value in asdict(self).items()}
 
 
 class RunMismatch(RunError):
@@ -93,31 +102,38 @@ def memory_budget(device: torch.device, gigabytes: float | None) -> int:
         return int(FALLBACK_BUDGET_GB * 2**30)
 
 
-def check_config(config: TrainConfig) -> type[heads.Head]:
-    registry = heads.available()
-    if config.head not in registry:
-        raise RunError(f"unknown head {config.head!r}; available: {', '.join(registry)} (`vidshift train --head help`)")
-    head_cls = registry[config.head]
+def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict]:
+    """The config with the preset's trainer options filled in, and the model's overrides; errors before any I/O."""
+    arch_cls, method_cls = lookup(config.head, config.method)
     if config.setting not in SETTINGS:
         raise RunError(f"--setting {config.setting!r}: use one of {', '.join(SETTINGS)}")
-    if config.setting not in head_cls.settings:
-        raise RunError(f"head {config.head!r} supports {', '.join(sorted(head_cls.settings))}, not {config.setting!r}")
-    if config.setting == "da" and not config.target:
-        raise RunError("--setting da needs --target DOMAIN (its train split is the unlabelled adaptation data)")
-    if config.train_sampling not in TRAIN_SAMPLINGS:
-        raise RunError(f"--train-sampling {config.train_sampling!r}: use one of {', '.join(TRAIN_SAMPLINGS)}")
-    heads.resolve_hparams(head_cls, head_overrides(config, head_cls))  # unknown/ill-typed names fail early
-    return head_cls
-
-
-def head_overrides(config: TrainConfig, head_cls: type[heads.Head]) -> dict:
-    """Preset first, then the config file and --set values (already merged into ``config.hparams``)."""
-    return {**(heads.preset(head_cls, config.preset) if config.preset else {}), **config.hparams}
+    protocol = "da" if config.setting == "da" else "dg"    # target-only trains without a target batch, as dg
+    if protocol not in method_cls.settings:
+        raise RunError(f"method {config.method!r} runs in {', '.join(sorted(method_cls.settings))}, not "
+                       f"--setting {config.setting}")
+    if config.setting in ("da", "target-only") and not config.target:
+        raise RunError(f"--setting {config.setting} needs --target DOMAIN")
+    if not config.streams or len(set(config.streams)) != len(config.streams):
+        raise RunError(f"--stream {','.join(config.streams)}: name each stream once, e.g. --stream rgb,flow")
+    if config.fusion not in FUSIONS:
+        raise RunError(f"--fusion {config.fusion!r}: use one of {', '.join(FUSIONS)}")
+    chosen = heads.preset(config.preset, config.head, config.method) if config.preset else None
+    overrides = {**(chosen.hparams if chosen else {}), **config.hparams}
+    sampling = config.train_sampling or (chosen.trainer.get("train_sampling") if chosen else None) or "random"
+    if sampling not in TRAIN_SAMPLINGS:
+        raise RunError(f"--train-sampling {sampling!r}: use one of {', '.join(TRAIN_SAMPLINGS)}")
+    hparams = heads.resolve_hparams(config.head, config.method, overrides)  # unknown/ill-typed/out of range: fail now
+    missing = missing_parts(arch_cls, method_cls, hparams)
+    if missing:
+        raise RunError(f"method {config.method!r} needs {' and '.join(PART_NAMES[p] for p in missing)}, which "
+                       f"architecture {config.head!r} does not have; `vidshift train --head help` shows the matrix")
+    return replace(config, train_sampling=sampling, streams=tuple(config.streams)), overrides
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) one training run; return the final report written to ``metrics.json``."""
-    head_cls = check_config(config)
+    config, overrides = resolve_config(config)
+    arch_cls, _ = lookup(config.head, config.method)
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
     if checkpoint_path.exists() and not resume:
@@ -125,35 +141,33 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     _log_to(out / "train.log")
     device = resolve_device(config.device)
-    inputs = load_run_inputs(config, head_cls.input)
-    overrides = head_overrides(config, head_cls)
-    run_record = {"config": config.as_dict(), "head_hparams": heads.resolve_hparams(head_cls, overrides),
-                  "classes": inputs.classes, "store": store_identity(inputs.store, config.stream),
+    inputs = load_run_inputs(config, arch_cls.input)
+    run_record = {"config": config.as_dict(),
+                  "hparams": heads.resolve_hparams(config.head, config.method, overrides),
+                  "classes": inputs.classes, "store": store_identity(inputs.store, config.streams),
                   "manifest_sha256": file_sha256(config.manifest), "software": software_versions()}
     if resume and checkpoint_path.exists():
         _check_same_run(out / "config.yaml", run_record)
     # Rewritten on resume too: the paths and settings that may change are then those of the latest invocation.
     (out / "config.yaml").write_text(yaml.safe_dump(run_record, sort_keys=False))
 
-    torch.manual_seed(config.seed)  # head initialisation
-    head = heads.build(config.head, inputs.feat_shape, len(inputs.classes), config.num_segments, overrides)
-    head.to(device)
-    hp = head.hparams
+    torch.manual_seed(config.seed)  # model initialisation
+    model = heads.build(config.head, config.method, inputs.feat_shape, len(inputs.classes), config.num_segments,
+                        overrides)
+    model.to(device)
+    hp = model.hparams
     where = place_features(inputs.feature_sets(), config.features, device,
                            memory_budget(device, config.memory_budget_gb))
-    log.info("head %s (%d parameters), %s, features %s", config.head,
-             sum(p.numel() for p in head.parameters()), config.setting, where)
+    log.info("%s on %s (%d parameters), %s, streams %s, features %s", config.method, config.head,
+             sum(p.numel() for p in model.parameters()), config.setting, "+".join(config.streams), where)
     log.info("GRL/lr schedules and all hparams: %s", json.dumps(hp))
 
-    batches_per_epoch = math.ceil(len(inputs.source_train) / hp["batch_size"])
-    target_batch = (target_batch_size(hp["batch_size"], len(inputs.source_train), len(inputs.target_train))
-                    if inputs.target_train else 0)
     history, start_epoch = [], 0
     if resume and checkpoint_path.exists():
-        # RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state to the head's device
+        # RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state to the model's device
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        head.load_state_dict(state["head"])
-        for optimizer, saved in zip(head.optimizers, state["optimizers"]):
+        model.load_state_dict(state["model"])
+        for optimizer, saved in zip(model.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda":  # a run saved on another machine may have had more devices
@@ -164,40 +178,70 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
 
     for epoch in range(start_epoch, hp["epochs"]):
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # same plans on resume
-        source_plans = inputs.source_train.epoch_plans(config.num_segments, hp["batch_size"], batches_per_epoch,
-                                                       config.train_sampling, generator)
-        target_plans = (inputs.target_train.epoch_plans(config.num_segments, target_batch, batches_per_epoch,
-                                                        config.train_sampling, generator)
-                        if inputs.target_train else [None] * batches_per_epoch)
-        target_stream = (iterate(inputs.target_train, target_plans, config.workers, device)
-                         if inputs.target_train else iter(target_plans))
-        sums: dict[str, float] = {}
-        head.train()
-        bar = tqdm(iterate(inputs.source_train, source_plans, config.workers, device), total=batches_per_epoch,
-                   desc=f"epoch {epoch + 1}/{hp['epochs']}", unit="batch", leave=False,
-                   disable=None if show_progress else True)
-        for step, (plan, x_source) in enumerate(bar):
-            target_item = next(target_stream)
-            target = UnlabelledBatch(target_item[1]) if target_item is not None else None
-            labels = inputs.source_train.labels[plan.videos].to(device)
-            progress = (epoch * batches_per_epoch + step) / (hp["epochs"] * batches_per_epoch)
-            logs = head.update(LabelledBatch(x_source, labels), target, progress)
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{logs['loss']:.3f}")
-        record = {"epoch": epoch + 1, **{key: value / batches_per_epoch for key, value in sums.items()}}
-        record.update(_evaluate_epoch(head, inputs, config, device))
+        model.train()
+        record = {"epoch": epoch + 1,
+                  **model.before_epoch(lambda: _training_batches(inputs.source_train, config, hp, device),
+                                       epoch / hp["epochs"])}
+        record.update(_train_epoch(model, inputs, config, epoch, device, show_progress))
+        record.update(_evaluate_epoch(model, inputs, config, device))
         history.append(record)  # no timings in it: metrics.json must be identical between identical runs
         log.info("epoch %d (%.1fs): %s", epoch + 1, time.perf_counter() - started,
                  ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if _is_best(history):
-            save_atomic({"head": head.state_dict(), "epoch": epoch}, out / "best.pt")
-        save_atomic({"head": head.state_dict(), "optimizers": [o.state_dict() for o in head.optimizers],
+            save_atomic({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
+        save_atomic({"model": model.state_dict(), "optimizers": [o.state_dict() for o in model.optimizers],
                      "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(device), "history": history,
                      "epoch": epoch}, checkpoint_path)
         _write_metrics(out, history, config)
     return _write_metrics(out, history, config)
+
+
+def _training_batches(features: FeatureSet, config: TrainConfig, hp: dict,
+                      device: torch.device) -> Iterator[LabelledBatch]:
+    """The training set once, in order, at segment centres: what ``before_epoch`` sees (ADA's max phase)."""
+    for plan, x in iterate(features, features.eval_plans(config.num_segments, hp["batch_size"]), config.workers,
+                           device):
+        yield LabelledBatch(x, features.labels[plan.videos].to(device))
+
+
+def _train_epoch(model: Method, inputs: RunInputs, config: TrainConfig, epoch: int, device: torch.device,
+                 show_progress: bool) -> dict[str, float]:
+    """One pass over the training set (and the examples the method added), one ``update`` per batch."""
+    hp = model.hparams
+    extra = model.extra_examples()
+    n_extra = len(extra[1]) if extra is not None else 0
+    if extra is not None:
+        extra = (map_inputs(lambda x: x.to(device), extra[0]), extra[1].to(device))
+    source = inputs.source_train
+    batches = math.ceil((len(source) + n_extra) / hp["batch_size"])
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # same plans on resume
+    source_plans = source.epoch_plans(config.num_segments, hp["batch_size"], batches, config.train_sampling,
+                                      generator, n_extra)
+    target_batch = (target_batch_size(hp["batch_size"], len(source), len(inputs.target_train))
+                    if inputs.target_train else 0)
+    target_plans = (inputs.target_train.epoch_plans(config.num_segments, target_batch, batches,
+                                                    config.train_sampling, generator)
+                    if inputs.target_train else [None] * batches)
+    target_stream = (iterate(inputs.target_train, target_plans, config.workers, device)
+                     if inputs.target_train else iter(target_plans))
+    sums: dict[str, float] = {}
+    bar = tqdm(iterate(source, source_plans, config.workers, device), total=batches,
+               desc=f"epoch {epoch + 1}/{hp['epochs']}", unit="batch", leave=False,
+               disable=None if show_progress else True)
+    for step, (plan, x_source) in enumerate(bar):
+        target_item = next(target_stream)
+        target = UnlabelledBatch(target_item[1]) if target_item is not None else None
+        parts = [(x_source, source.labels[plan.videos].to(device))] if len(plan.videos) else []
+        if len(plan.extra):
+            index = torch.from_numpy(plan.extra).to(device)
+            parts.append((map_inputs(lambda x: x[index], extra[0]), extra[1][index]))
+        batch = LabelledBatch(cat_inputs([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+        progress = (epoch * batches + step) / (hp["epochs"] * batches)
+        logs = model.update(batch, target, progress)
+        for key, value in logs.items():
+            sums[key] = sums.get(key, 0.0) + value
+        bar.set_postfix(loss=f"{logs['loss']:.3f}")
+    return {key: value / batches for key, value in sums.items()}
 
 
 def _cuda_rng_states(device: torch.device) -> list[torch.Tensor]:
@@ -208,15 +252,23 @@ def _cuda_rng_states(device: torch.device) -> list[torch.Tensor]:
     return torch.cuda.get_rng_state_all() if device.type == "cuda" else []
 
 
-def _evaluate_epoch(head, inputs: RunInputs, config: TrainConfig, device: torch.device) -> dict:
+def _evaluate_epoch(model: Method, inputs: RunInputs, config: TrainConfig, device: torch.device) -> dict:
+    """Accuracy on the training domain's val split (``src_val``; the target's in target-only) and the target's.
+
+    Under a forked RNG: an evaluation that draws (STDN's random tuples) must not move the training draws, or a
+    DG run's later epochs would depend on the size of the target set.
+    """
     results = {}
-    for prefix, feature_set in (("src_val", inputs.source_val), ("tgt", inputs.target_eval)):
-        if feature_set is None:
-            continue
-        head.set_eval_domain("source" if prefix == "src_val" else "target")  # e.g. AdaBN's per-domain BN stats
-        logits = predict(head, feature_set, config.num_segments, config.workers, device)
-        report = accuracy_report(logits, feature_set.labels, len(inputs.classes))
-        results[f"{prefix}_acc"], results[f"{prefix}_mca"] = report["accuracy"], report["mean_class_accuracy"]
+    train_domain = "target" if config.setting == "target-only" else "source"
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for prefix, feature_set, domain in (("src_val", inputs.source_val, train_domain),
+                                            ("tgt", inputs.target_eval, "target")):
+            if feature_set is None:
+                continue
+            model.set_eval_domain(domain)  # e.g. AdaBN's per-domain BN statistics
+            logits = predict(model, feature_set, config.num_segments, config.workers, device)
+            report = accuracy_report(logits, feature_set.labels, len(inputs.classes))
+            results[f"{prefix}_acc"], results[f"{prefix}_mca"] = report["accuracy"], report["mean_class_accuracy"]
     return results
 
 
@@ -234,8 +286,10 @@ def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
     final = {"epochs_run": len(history)}
     if history:
         best = max(history, key=_selection_key)  # max returns the first of ties, as _is_best
-        final.update(selected_epoch=best["epoch"], selection="source val accuracy" if "src_val_acc" in best
-                     else "last epoch (no source val split)", src_val_acc_selected=best.get("src_val_acc"))
+        val_of = "target" if config.setting == "target-only" else "source"
+        final.update(selected_epoch=best["epoch"], selection=f"{val_of} val accuracy" if "src_val_acc" in best
+                     else f"last epoch (no {val_of} val split apart from the reported one)",
+                     src_val_acc_selected=best.get("src_val_acc"))
         if "tgt_acc" in best:
             oracle = max(history, key=lambda r: r["tgt_acc"])
             final.update(target_acc_selected=best["tgt_acc"], target_mca_selected=best["tgt_mca"],
@@ -243,7 +297,8 @@ def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
                          oracle_target_acc=oracle["tgt_acc"], oracle_epoch=oracle["epoch"],
                          oracle_note="best target-test epoch: uses target labels for selection "
                                      "(what TA3N/APN's official code report); not a valid DG/DA result")
-    report = {"head": config.head, "setting": config.setting, "source": config.source, "target": config.target,
+    report = {"head": config.head, "method": config.method, "streams": list(config.streams),
+              "fusion": config.fusion, "setting": config.setting, "source": config.source, "target": config.target,
               "epochs": history, "final": final}
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
@@ -255,7 +310,7 @@ def _result_identity(record: dict) -> dict:
     """What of a run record decides its numbers (so moving the store or streaming instead does not count)."""
     record = json.loads(json.dumps(record))  # tuples -> lists, as yaml reads them back
     return {"config": {name: record["config"][name] for name in RESULT_FIELDS},
-            "head_hparams": record["head_hparams"], "classes": record["classes"],
+            "hparams": record["hparams"], "classes": record["classes"],
             "features_sha256": record["store"]["features_sha256"], "manifest_sha256": record["manifest_sha256"]}
 
 

@@ -58,12 +58,14 @@ def make_video(tmp_path):
 
 
 def make_feature_store(root: Path, map_shape=(2, 2, 8), classes=("a", "b", "c"), per_class=8, steps=6,
-                       target_shift=0.0, backend="zarr", seed=0, noise=0.3) -> tuple[Path, Path]:
+                       target_shift=0.0, backend="zarr", seed=0, noise=0.3, flow_channels=0) -> tuple[Path, Path]:
     """A real feature store + manifest with learnable features, written through the store API (no backbone).
 
     Domains ``src`` and ``tgt``, splits train/val/test, ``per_class`` videos per class, domain and split.
     Each class has a random prototype map; a video is its prototype plus noise, with a per-step ramp so the
     time order carries signal. The target adds ``target_shift`` to every value (a covariate shift).
+    ``flow_channels`` > 0 adds a ``flow`` stream with that many channels and one step fewer per video (as
+    optical flow between consecutive frames), its own prototypes, drawn after the RGB stream's.
     Returns (store_dir, manifest_path).
     """
     import csv
@@ -90,12 +92,33 @@ def make_feature_store(root: Path, map_shape=(2, 2, 8), classes=("a", "b", "c"),
                     rows.append({"path": f"{video_id}.mp4", "label": label, "domain": domain, "split": split,
                                  "video_id": video_id})
     part.commit()
+    if flow_channels:
+        _add_flow_stream(root / "store", backend, rows, classes, (*map_shape[:-1], flow_channels), steps - 1,
+                         target_shift, noise, np.random.default_rng(seed + 1))
     manifest = root / "manifest.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["path", "label", "domain", "split", "video_id"])
         writer.writeheader()
         writer.writerows(rows)
     return root / "store", manifest
+
+
+def _add_flow_stream(store_dir: Path, backend: str, rows: list[dict], classes, map_shape, steps: int,
+                     target_shift: float, noise: float, rng) -> None:
+    from extract.store import FeatureStore
+
+    prototypes = rng.normal(size=(len(classes), *map_shape)).astype(np.float32)
+    provenance = {"features": {"name": "synthetic-flow", "map_shape": list(map_shape), "dtype": "float16"},
+                  "software": {}}
+    store = FeatureStore.create_or_open(store_dir, backend, "flow", provenance)
+    part = store.new_part("s0of1", "flow", "float16", map_shape[-1], {})
+    for row in rows:
+        shift = target_shift if row["domain"] == "tgt" else 0.0
+        maps = prototypes[classes.index(row["label"])] + noise * rng.normal(size=(steps, *map_shape)) + shift
+        video = part.video(row["video_id"], {k: row[k] for k in ("label", "domain", "split")})
+        video.append(np.stack([np.arange(steps)] * 2, axis=1), np.maximum(maps, 0).astype(np.float32))
+        video.finish()
+    part.commit()
 
 
 def rows_by_id(path: Path) -> dict:

@@ -48,7 +48,7 @@ def ta3n_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnose")
     store, manifest = make_feature_store(root, target_shift=1.0, per_class=4)
     hparams = {"epochs": 2, "batch_size": 8, "frame_dim": 16, "relation_dim": 16, "init_std": 0.0}
-    train(TrainConfig(store=store, manifest=manifest, head="ta3n", source="src", target="tgt", setting="da",
+    train(TrainConfig(store=store, manifest=manifest, head="trn", method="ta3n", source="src", target="tgt", setting="da",
                       out=root / "run", hparams=hparams, workers=0), show_progress=False)
     return root / "run", store, manifest
 
@@ -63,7 +63,7 @@ def test_diagnose_run_writes_mmd_discriminator_and_head_measures(ta3n_run):
     measures = report["head_measures"]
     assert set(measures) == {"source", "target"}
     expected = {"p_target_frame", "p_target_relation", "p_target_video",
-                *(f"attention_scale_{n}" for n in (5, 4, 3, 2))}
+                *(f"attention_relation_{i}" for i in range(4))}
     assert set(measures["target"]) == expected
     assert all(0.0 <= measures["source"][f"p_target_{level}"] <= 1.0 for level in ("frame", "relation", "video"))
     same_domain = diagnose_run(run, store, manifest, source="src", target="src", workers=0)

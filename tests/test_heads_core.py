@@ -1,4 +1,5 @@
-"""Head interface, registry, shared blocks (GRL, schedules, entropy, TRN tuples) and the two source-only baselines."""
+"""Architecture/method interface, registry, hyper-parameter ranges, shared blocks (GRL, schedules, entropy, TRN
+tuples) and ERM on the two TA3N baselines."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,10 @@ import math
 import pytest
 import torch
 
-from heads import HeadError, LabelledBatch, UnlabelledBatch, available, build, register, resolve_hparams
+import heads
+from heads import HeadError, HParam, LabelledBatch, UnlabelledBatch, architectures, methods, register_architecture
 from heads.base import lr_factor
+from heads.method import hparam_specs, lookup
 from heads.common import (dann_ramp, entropy, entropy_of_probs, even_tuples, grad_reverse, grl_coefficient, mlp,
                           ordered_tuples, random_tuples)
 from heads.pooling import TemPooling
@@ -20,9 +23,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 
 
 def small(name: str, **extra) -> dict:
-    """Narrow layers and PyTorch's default init, so the heads train in a second on 16-d toy features."""
+    """Narrow layers and PyTorch's default init, so the models train in a second on 16-d toy features."""
     hparams = {"frame_dim": 32, "relation_dim": 32, "init_std": 0.0, **extra}
-    return {k: v for k, v in hparams.items() if k in available()[name].HPARAMS}
+    return {k: v for k, v in hparams.items() if k in hparam_specs(*lookup(name, "erm"))}
+
+
+def build(arch: str, feat_shape, num_classes: int, num_segments: int, overrides: dict, method: str = "erm"):
+    return heads.build(arch, method, feat_shape, num_classes, num_segments, overrides)
+
+
+def resolve_hparams(arch: str, overrides: dict) -> dict:
+    return heads.resolve_hparams(arch, "erm", overrides)
 
 
 def prototype_videos(num_videos: int, seed: int, noise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,43 +128,74 @@ def test_mlp_layers():
 
 def test_unknown_hparam_names_the_valid_ones():
     with pytest.raises(HeadError, match=r"'lrate'.*valid names:.*batch_size.*\blr\b"):
-        resolve_hparams(TemPooling, {"lrate": 0.1})
+        resolve_hparams("tempooling", {"lrate": 0.1})
 
 
 def test_hparam_types_are_checked_against_the_default():
-    resolved = resolve_hparams(TemPooling, {"lr": 1, "lr_steps": [0.5, 1], "epochs": 3})
+    resolved = resolve_hparams("tempooling", {"lr": 1, "lr_steps": [0.5, 1], "epochs": 3})
     assert resolved["lr"] == 1.0 and isinstance(resolved["lr"], float)      # int is fine for a float
     assert resolved["lr_steps"] == (0.5, 1.0)                                 # a YAML list is fine for a tuple
     assert resolved["batch_size"] == 128 and resolved["nesterov"] is False    # untouched defaults
     for bad in ({"lr": "fast"}, {"epochs": 2.5}, {"epochs": True}, {"nesterov": 1}):
         with pytest.raises(HeadError, match=f"{next(iter(bad))}="):
-            resolve_hparams(TemPooling, bad)
+            resolve_hparams("tempooling", bad)
     with pytest.raises(HeadError, match="dann.*step.*constant"):
-        resolve_hparams(TemPooling, {"lr_schedule": "cosine"})
+        resolve_hparams("tempooling", {"lr_schedule": "cosine"})
 
 
-def test_unknown_head_lists_the_available_ones():
+def test_hparam_ranges_are_checked_where_they_are_declared():
+    for bad, allowed in (({"batch_size": 0}, r"\[1, inf\)"), ({"epochs": -1}, r"\[1, inf\)"),
+                         ({"lr": 0.0}, r"\(0, inf\)"), ({"dropout_video": 1.0}, r"\[0, 1\)"),
+                         ({"momentum": -0.1}, r"\[0, 1\)"), ({"lr_steps": [0.5, 1.5]}, r"\[0, 1\]"),
+                         ({"optimizer": "adam"}, "sgd.*adamw")):
+        with pytest.raises(HeadError, match=f"{next(iter(bad))}=.*{allowed}"):
+            resolve_hparams("tempooling", bad)
+    assert resolve_hparams("tempooling", {"dropout_video": 0.0, "lr_steps": [0.0, 1.0]})["lr_steps"] == (0.0, 1.0)
+    with pytest.raises(ValueError, match="bad interval"):
+        HParam(1, "x", "y", interval="0 to 1")
+
+
+def test_adamw_is_the_optimiser_beside_sgd():
+    model = build("tempooling", (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, small("tempooling", optimizer="adamw"))
+    assert isinstance(model.optimizer, torch.optim.AdamW) and model.optimizer.defaults["weight_decay"] == 1e-4
+    logs = model.update(LabelledBatch(*prototype_videos(8, seed=0)), None, 0.0)
+    assert logs["lr"] == pytest.approx(0.03) and math.isfinite(logs["loss"])
+    assert isinstance(build("tempooling", (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, {}).optimizer, torch.optim.SGD)
+
+
+def test_unknown_architecture_or_method_lists_the_available_ones():
     with pytest.raises(HeadError, match="'ta4n'.*tempooling.*trn"):
         build("ta4n", (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, {})
+    with pytest.raises(HeadError, match="unknown method 'sgdx'.*erm"):
+        build("trn", (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, {}, method="sgdx")
 
 
 def test_registry_rejects_duplicates_and_wrong_feature_shapes():
     with pytest.raises(HeadError, match="already registered"):
-        register(type("Again", (TemPooling,), {"name": "tempooling"}))
+        register_architecture(type("Again", (TemPooling,), {"name": "tempooling"}))
     with pytest.raises(HeadError, match="pooled features"):
         build("trn", (7, 7, FEAT_DIM), NUM_CLASSES, NUM_SEGMENTS, {})
     with pytest.raises(HeadError, match="one class id per video"):
         LabelledBatch(torch.zeros(3, NUM_SEGMENTS, FEAT_DIM), torch.zeros(2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name", sorted(available()))
-def test_every_registered_head_documents_its_hparams(name):
-    cls = available()[name]
+@pytest.mark.parametrize("name", sorted(architectures()))
+def test_every_architecture_documents_its_hparams(name):
+    cls = architectures()[name]
+    assert cls.summary and "\n" not in cls.summary and cls.input in ("pooled", "maps")
+    specs = hparam_specs(cls, methods()["erm"])
+    assert {"epochs", "batch_size", "lr", "optimizer"} <= set(specs)          # the trainer reads the first two
+    for hparam in {**cls.HPARAMS, **cls.RECIPE}.values():
+        assert hparam.help and hparam.source
+    assert heads.resolve_hparams(name, "erm", {}) == {k: v.default for k, v in specs.items()}   # defaults in range
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_every_method_documents_its_hparams(name):
+    cls = methods()[name]
     assert cls.summary and "\n" not in cls.summary and cls.settings <= {"dg", "da"}
-    assert {"epochs", "batch_size", "lr"} <= set(cls.HPARAMS)                 # the trainer reads the first two
     for hparam in cls.HPARAMS.values():
         assert hparam.help and hparam.source
-    assert resolve_hparams(cls, {}) == {k: v.default for k, v in cls.HPARAMS.items()}
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -202,18 +244,24 @@ def test_source_only_baselines_ignore_the_target_batch(name):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def test_trn_random_tuples_vary_in_training_and_match_even_tuples_in_eval():
+def test_trn_random_tuples_vary_in_training_and_evaluate_their_expectation():
     torch.manual_seed(0)
     no_dropout = small("trn", dropout_frame=0.0, dropout_video=0.0)
-    even = build("trn", (FEAT_DIM,), NUM_CLASSES, 8, no_dropout)
-    rand = build("trn", (FEAT_DIM,), NUM_CLASSES, 8, {**no_dropout, "tuples": "random"})
-    rand.load_state_dict(even.state_dict())
+    rand = build("trn", (FEAT_DIM,), NUM_CLASSES, 8, {**no_dropout, "tuples": "random"}).arch
     x = torch.randn(4, 8, FEAT_DIM)
     with torch.no_grad():
-        assert not torch.equal(rand.train()(x), rand(x))        # C(8, n) >> 3: two draws differ
-        assert torch.equal(rand.eval()(x), even.eval()(x))
+        rand.train()
+        assert not torch.equal(rand(x), rand(x))                 # C(8, n) >> 3: two draws differ
+        rand.eval()
+        frames = rand.frame_mlp(x)
+        relations = rand.encode(x).relations                      # [4, 7, R], scales 8..2
+        for i, size in enumerate(rand.temporal.scales):
+            every = ordered_tuples(8, size)                       # the draw takes 3 of these M at random
+            expected = sum(rand.temporal.fusion[i](frames[:, list(t)].flatten(1)) for t in every)
+            assert torch.allclose(relations[:, i], min(3, len(every)) / len(every) * expected, atol=1e-5)
+        assert torch.equal(rand(x), rand(x))                      # and it is repeatable
     with pytest.raises(HeadError, match="8 segments"):
-        even(torch.randn(4, 5, FEAT_DIM))
+        rand(torch.randn(4, 5, FEAT_DIM))
 
 
 # ------------------------------------------------------------------------------------------- optimiser
@@ -229,9 +277,9 @@ def test_dann_lr_schedule_after_an_update_at_progress_p():
 
 
 def test_step_and_constant_lr_schedules():
-    hparams = resolve_hparams(TemPooling, {"lr_schedule": "step", "lr_steps": [0.5, 0.75], "lr_decay": 0.1})
+    hparams = resolve_hparams("tempooling", {"lr_schedule": "step", "lr_steps": [0.5, 0.75], "lr_decay": 0.1})
     assert [lr_factor(hparams, p) for p in (0.0, 0.49, 0.5, 0.8)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
-    assert lr_factor(resolve_hparams(TemPooling, {"lr_schedule": "constant"}), 0.9) == 1.0
+    assert lr_factor(resolve_hparams("tempooling", {"lr_schedule": "constant"}), 0.9) == 1.0
 
 
 @pytest.mark.parametrize("clip", [1e-3, 0.0])
@@ -253,11 +301,11 @@ def test_head_and_optimizer_state_round_trip_through_a_checkpoint_file(tmp_path)
     torch.manual_seed(0)
     head = build("trn", (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, no_dropout)
     train(head, prototype_videos, steps=3)
-    torch.save({"head": head.state_dict(), "optimizers": [o.state_dict() for o in head.optimizers]},
+    torch.save({"model": head.state_dict(), "optimizers": [o.state_dict() for o in head.optimizers]},
                tmp_path / "checkpoint.pt")
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     resumed = build("trn", (FEAT_DIM,), NUM_CLASSES, NUM_SEGMENTS, no_dropout)
-    resumed.load_state_dict(checkpoint["head"])
+    resumed.load_state_dict(checkpoint["model"])
     for optimizer, state in zip(resumed.optimizers, checkpoint["optimizers"]):
         optimizer.load_state_dict(state)
     batch = LabelledBatch(*prototype_videos(8, seed=99))

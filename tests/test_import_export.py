@@ -235,10 +235,11 @@ def test_imported_ta3n_store_trains_pooled_heads_and_refuses_maps_heads(tmp_path
     assert result.exit_code == 0, result.output
     train = ["train", "--store", str(store), "--manifest", str(store / "manifest.csv"), "--source", "ucf",
              "--target", "hmdb", *TRAIN_FAST]
-    for head in ("trn", "ta3n"):
-        result = CliRunner().invoke(main, [*train, "--setting", "da", "--head", head, "--out", str(tmp_path / head)])
+    for method in ("erm", "ta3n"):
+        result = CliRunner().invoke(main, [*train, "--setting", "da", "--head", "trn", "--method", method, "--out",
+                                           str(tmp_path / method)])
         assert result.exit_code == 0, result.output
-        metrics = json.loads((tmp_path / head / "metrics.json").read_text())
+        metrics = json.loads((tmp_path / method / "metrics.json").read_text())
         assert metrics["final"]["epochs_run"] == 1 and 0 <= metrics["final"]["target_acc_selected"] <= 1
     result = CliRunner().invoke(main, [*train, "--head", "stdn", "--out", str(tmp_path / "stdn")])
     assert result.exit_code == 1
@@ -257,7 +258,7 @@ def test_epic100_modalities_become_streams_and_train_picks_one(tmp_path):
         assert [store.provenance(stream)["features"]["channels"] for stream in store.streams] == [5, 6]
         assert store.provenance("flow")["features"]["modality"] == "Flow"
         np.testing.assert_array_equal(store.read("P01_01_1", "pooled", stream="flow"), features["Flow"][1])
-        flow_identity = store_identity(store, "flow")
+        flow_identity = store_identity(store, ("flow",))
     assert len(read_manifest(out / "manifest.csv")) == 3  # one row per segment, whatever the streams
 
     train = ["train", "--store", str(out), "--manifest", str(out / "manifest.csv"), "--head", "trn", "--source",
@@ -268,3 +269,8 @@ def test_epic100_modalities_become_streams_and_train_picks_one(tmp_path):
     assert record["store"] == flow_identity  # the run trained on the Flow features and says so
     result = CliRunner().invoke(main, [*train, "--stream", "audio", "--out", str(tmp_path / "run2")])
     assert result.exit_code == 1 and "no stream 'audio'; it has flow, rgb" in result.output
+    for fusion in ("late", "early"):     # EPIC's two-stream model and its ALL (features concatenated)
+        result = CliRunner().invoke(main, [*train, "--stream", "rgb,flow", "--fusion", fusion, "--out",
+                                           str(tmp_path / fusion)])
+        assert result.exit_code == 0, result.output
+        assert yaml.safe_load((tmp_path / fusion / "config.yaml").read_text())["store"]["streams"] == ["rgb", "flow"]

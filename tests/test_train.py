@@ -18,8 +18,10 @@ from click.testing import CliRunner
 
 from conftest import make_feature_store
 from data_manifests.epic_kitchens import UNLABELLED
-from heads import base as heads_base
-from heads.pooling import TemPooling
+from heads import method as heads_method
+from heads.base import batch_size
+from heads.erm import ERM
+from heads.method import Preset
 from pipelines.cli import main
 from pipelines.data import centre_steps, random_steps, target_batch_size
 from pipelines.evaluate import accuracy_report, evaluate_run
@@ -125,8 +127,8 @@ def test_same_seed_same_metrics_and_streaming_equals_memory(feature_store, tmp_p
     assert other_seed["epochs"] != first["epochs"]
 
 
-@pytest.mark.parametrize("head", ["dann", "ta3n"])  # adapting heads: their updates use the target batch
-def test_da_target_labels_never_reach_the_head(feature_store, tmp_path, head):
+@pytest.mark.parametrize("method", ["dann", "ta3n"])  # adapting methods: their updates use the target batch
+def test_da_target_labels_never_reach_the_method(feature_store, tmp_path, method):
     def permute_target_train_labels(rows):
         target_train = rows_of(rows, "tgt", "train")
         shuffled = np.random.default_rng(0).permutation([row["label"] for row in target_train])
@@ -135,7 +137,7 @@ def test_da_target_labels_never_reach_the_head(feature_store, tmp_path, head):
         return rows
 
     permuted = edited_manifest(feature_store[1], tmp_path / "permuted.csv", permute_target_train_labels)
-    common = dict(setting="da", head=head, hparams={**FAST, "epochs": 2})
+    common = dict(setting="da", method=method, hparams={**FAST, "epochs": 2})
     original = train(config_for(feature_store, tmp_path / "orig", **common), show_progress=False)
     relabelled = train(config_for(feature_store, tmp_path / "perm", manifest=permuted, **common), show_progress=False)
     assert original["epochs"] == relabelled["epochs"]
@@ -146,24 +148,28 @@ def test_da_target_labels_never_reach_the_head(feature_store, tmp_path, head):
     assert other_target["epochs"] != original["epochs"]
 
 
-class BatchRecorder(TemPooling):
-    """TemPooling that records the (source, target) batch sizes the trainer feeds it (not registered globally)."""
+class BatchRecorder(ERM):
+    """ERM that records the (source, target) batch sizes the trainer feeds it (registered per test only)."""
 
     name = "batch_recorder"
     seen: list[tuple[int, int]] = []
 
     def update(self, src, tgt, progress):
-        self.seen.append((len(src.x), len(tgt.x)))
+        self.seen.append((len(src.y), batch_size(tgt.x) if tgt else 0))
         return super().update(src, tgt, progress)
 
 
+def register_for_test(monkeypatch, method_cls) -> None:
+    """Registered for one test only: the registry tests train every registered method."""
+    monkeypatch.setitem(heads_method._METHODS, method_cls.name, method_cls)
+
+
 def test_da_target_batches_follow_the_ratio_of_the_training_sets(feature_store, tmp_path, monkeypatch):
-    # Registered for this test only: the demo test trains every registered head.
-    monkeypatch.setitem(heads_base._REGISTRY, BatchRecorder.name, BatchRecorder)
+    register_for_test(monkeypatch, BatchRecorder)
     monkeypatch.setattr(BatchRecorder, "seen", [])
     half = edited_manifest(feature_store[1], tmp_path / "half.csv",
                            lambda rows: [row for row in rows if row not in rows_of(rows, "tgt", "train")[::2]])
-    train(config_for(feature_store, tmp_path / "run", manifest=half, head=BatchRecorder.name, setting="da",
+    train(config_for(feature_store, tmp_path / "run", manifest=half, method=BatchRecorder.name, setting="da",
                      hparams={**FAST, "epochs": 2}), show_progress=False)
     # 24 source and 12 target train videos: 3 updates per epoch of 8 source and 8 * 12 / 24 = 4 target videos
     assert BatchRecorder.seen == [(8, 4)] * 6
@@ -255,13 +261,20 @@ def test_eval_reports_accuracy_confusion_and_refuses_other_features(feature_stor
     with pytest.raises(ValueError, match="holds different features than the run was trained on"):
         evaluate_run(tmp_path / "run", other_store, other_manifest, "tgt", "test")
     config_path = tmp_path / "run" / "config.yaml"
-    config_path.write_text(config_path.read_text().replace("head: trn", "head: retired"))
-    with pytest.raises(RunError, match="trained with head 'retired', which this vidshift does not register"):
+    config_path.write_text(config_path.read_text().replace("method: erm", "method: retired"))
+    with pytest.raises(RunError, match="trained with 'retired' on 'trn': unknown method 'retired'"):
         evaluate_run(tmp_path / "run", store, manifest, "tgt", "test")
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--head", "nope"], "unknown head 'nope'; available:"),
+    (["--head", "nope"], "unknown architecture 'nope'; available:"),
+    (["--head", "trn", "--method", "nope"], "unknown method 'nope'; available:"),
+    (["--head", "trn", "--method", "ta3n"], "method 'ta3n' runs in da, not --setting dg"),
+    (["--head", "trn", "--set", "batch_size=0"], "batch_size=0 is out of range: it must be in [1, inf)"),
+    (["--head", "trn", "--set", "dropout_video=1"], "dropout_video=1.0 is out of range: it must be in [0, 1)"),
+    (["--head", "trn", "--preset", "official"], "no preset 'official' for method 'erm' on architecture 'trn'"),
+    (["--head", "trn", "--stream", "rgb,rgb"], "name each stream once"),
+    (["--head", "trn", "--stream", "rgb,audio"], "no stream 'audio'"),
     (["--head", "trn", "--set", "lrr=0.1"], "has no hyper-parameter 'lrr'; valid names:"),
     (["--head", "trn", "--set", "lr=fast"], "hyper-parameter lr='fast' is a str, expected float"),
     (["--head", "trn", "--source", "ucf"], "--source 'ucf' is not a domain of"),
@@ -281,7 +294,7 @@ def test_manifest_videos_missing_from_the_store(feature_store, tmp_path):
     extended.write_text(manifest.read_text() + "new.mp4,a,src,train,src/train/a/new\n")
     result = CliRunner().invoke(main, ["train", "--store", str(store), "--manifest", str(extended), "--head", "trn",
                                        "--source", "src", "--out", str(tmp_path / "run"), "--set", "epochs=1"])
-    assert result.exit_code == 1 and "1 video(s) of domain 'src', split 'train' are not in the store" in result.output
+    assert result.exit_code == 1 and "1 video(s) of domain 'src', split 'train' are not in stream 'rgb' of the store" in result.output
     skipped = CliRunner().invoke(main, ["train", "--store", str(store), "--manifest", str(extended), "--head", "trn",
                                         "--source", "src", "--out", str(tmp_path / "run2"), "--set", "epochs=1",
                                         "--skip-missing"])
@@ -292,7 +305,7 @@ def test_existing_run_dir_needs_resume(feature_store, tmp_path):
     train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 1}), show_progress=False)
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 1}), show_progress=False)
-    with pytest.raises(RunMismatch, match="--resume: head_hparams differs"):
+    with pytest.raises(RunMismatch, match="--resume: hparams differs"):
         train(config_for(feature_store, tmp_path / "run", hparams={**FAST, "epochs": 2}), resume=True,
               show_progress=False)
 
