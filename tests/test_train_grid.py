@@ -211,3 +211,27 @@ def test_head_help_prints_architectures_methods_and_the_matrix():
     header = matrix[0].split()
     pooling_row = next(line for line in matrix if line.split()[0] == "tempooling").split()[1:]
     assert dict(zip(header, pooling_row))["erm"] == "x"
+
+
+# ------------------------------------------------------------------------------------------ the papers' pairs
+
+SMALL = {"epochs": 2, "batch_size": 8, "frame_dim": 16, "relation_dim": 16, "init_std": 0.0, "anchor_hidden": 8,
+         "spatial_dim": 8, "temporal_dim": 8, "se_hidden": 4, "relation_hidden": 8,
+         "ada_min_updates": 1, "ada_max_steps": 2, "mada_wae_epochs": 1}
+# TA3N Tables 3-4 (the DA baselines on both temporal modules; ERM, TA2N, TA3N, DANN and MCD are in
+# test_golden.py) and STDN Table 2 (the DG baselines on TSN, TRN and STDN)
+TABLE_PAIRS = ([(arch, method, "da") for arch in ("tempooling", "trn") for method in ("jan", "adabn")]
+               + [(arch, method, "dg") for arch in ("trn", "stdn") for method in ("mixup", "irm", "ada", "m-ada", "cop")]
+               + [("tsn-maps", method, "dg") for method in ("mixup", "irm", "ada")])
+
+
+@pytest.mark.parametrize("arch, method, setting", TABLE_PAIRS, ids=["-".join(p) for p in TABLE_PAIRS])
+def test_the_papers_pairs_train_through_the_trainer(two_streams, tmp_path, arch, method, setting):
+    specs = heads_method.hparam_specs(*heads_method.lookup(arch, method))
+    hparams = {name: value for name, value in SMALL.items() if name in specs}
+    report = train(config_for(two_streams, tmp_path / "run", head=arch, method=method, setting=setting,
+                              hparams=hparams), show_progress=False)
+    assert report["final"]["epochs_run"] == 2 and 0.0 <= report["final"]["target_acc_selected"] <= 1.0
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in report["epochs"])
+    if method in ("ada", "m-ada"):    # a max phase ran at the second epoch's start, over the 24 source videos
+        assert report["epochs"][1]["ada_phase"] == 1.0 and report["epochs"][1]["ada_new_examples"] == 24.0
