@@ -1,5 +1,5 @@
-"""Every (method, architecture) pair the matrix allows trains 3 updates on CPU, evaluates, saves and resumes exactly;
-every pair it refuses fails with an error naming what is missing."""
+"""Every (method, architecture) pair the matrix allows trains 3 updates on CPU, on one stream and as a late fusion of
+two, evaluates, saves and resumes exactly; every pair it refuses fails with an error naming what is missing."""
 from __future__ import annotations
 
 import copy
@@ -30,19 +30,29 @@ def small(arch: str, method: str) -> dict:
     return {name: value for name, value in SMALL.items() if name in specs}
 
 
-def build(arch: str, method: str):
+def shapes(arch: str, streams: int) -> tuple | dict:
+    """One stream's step shape, or {stream: shape} for a late fusion of two streams (the second narrower)."""
+    shape = FEAT_SHAPE[heads.architectures()[arch].input]
+    return shape if streams == 1 else {"rgb": shape, "flow": (*shape[:-1], shape[-1] // 2)}
+
+
+def build(arch: str, method: str, streams: int = 1):
     torch.manual_seed(0)
-    shape = FEAT_SHAPE[heads.architectures()[arch].input]
-    return heads.build(arch, method, shape, NUM_CLASSES, NUM_SEGMENTS, small(arch, method))
+    return heads.build(arch, method, shapes(arch, streams), NUM_CLASSES, NUM_SEGMENTS, small(arch, method))
 
 
-def batches(arch: str, count: int, seed: int = 0):
+def batches(arch: str, count: int, streams: int = 1, seed: int = 0):
     """``count`` (source, target) batches of 6 labelled and 4 unlabelled videos."""
-    shape = FEAT_SHAPE[heads.architectures()[arch].input]
     g = torch.Generator().manual_seed(seed)
-    return [(LabelledBatch(torch.rand(6, NUM_SEGMENTS, *shape, generator=g),
-                           torch.randint(NUM_CLASSES, (6,), generator=g)),
-             UnlabelledBatch(torch.rand(4, NUM_SEGMENTS, *shape, generator=g) + 0.5)) for _ in range(count)]
+
+    def videos(n: int, shift: float):
+        per_stream = shapes(arch, streams)
+        if streams == 1:
+            return torch.rand(n, NUM_SEGMENTS, *per_stream, generator=g) + shift
+        return {s: torch.rand(n, NUM_SEGMENTS, *shape, generator=g) + shift for s, shape in per_stream.items()}
+
+    return [(LabelledBatch(videos(6, 0.0), torch.randint(NUM_CLASSES, (6,), generator=g)),
+             UnlabelledBatch(videos(4, 0.5))) for _ in range(count)]
 
 
 def run_updates(model, data, start: int, total: int) -> list[dict]:
@@ -84,22 +94,23 @@ def test_the_matrix_allows_the_pairs_of_the_papers_tables():
     assert ("stdn", "cop") in allowed and ("tsn-maps", "cop") not in allowed and ("tsn-maps", "dann") not in allowed
 
 
+@pytest.mark.parametrize("streams", [1, 2], ids=["one-stream", "late-fusion"])
 @pytest.mark.parametrize("pair", ALLOWED, ids=["-".join(p) for p in ALLOWED])
-def test_pair_trains_evaluates_saves_and_resumes_exactly(pair, tmp_path):
+def test_pair_trains_evaluates_saves_and_resumes_exactly(pair, streams, tmp_path):
     arch, method = pair
-    data = batches(arch, 3)
-    straight = build(arch, method)
+    data = batches(arch, 3, streams)
+    straight = build(arch, method, streams)
     torch.manual_seed(1)
     expected = run_updates(straight, data, 0, 3)
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in expected)
 
-    interrupted = build(arch, method)
+    interrupted = build(arch, method, streams)
     torch.manual_seed(1)
     run_updates(interrupted, data[:2], 0, 3)
     torch.save({"model": interrupted.state_dict(), "optimizers": [o.state_dict() for o in interrupted.optimizers],
                 "rng": torch.get_rng_state()}, tmp_path / "checkpoint.pt")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    resumed = build(arch, method)
+    resumed = build(arch, method, streams)
     resumed.load_state_dict(state["model"])
     for optimizer, saved in zip(resumed.optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
