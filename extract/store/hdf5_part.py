@@ -57,7 +57,9 @@ class Hdf5PartWriter:
     def __init__(self, path: Path, shard_steps: int) -> None:
         del shard_steps  # HDF5 packs chunks into one file by itself; no shard notion
         self.sink = _DeferredErrorFile(path, "w+")
-        self.file = h5py.File(self.sink, "w")
+        # libver v110: checksummed metadata (superblock, object headers, chunk indexes), so a damaged header is
+        # an error instead of being parsed as garbage; readers need HDF5 >= 1.10 (2017), as h5py >= 2.10 ships.
+        self.file = h5py.File(self.sink, "w", libver="v110")
 
     def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str, chunk_steps: int) -> None:
         self.file.create_dataset(
