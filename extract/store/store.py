@@ -42,6 +42,8 @@ VERIFY_BLOCK_STEPS = 256  # bounded memory when re-reading long videos
 # What zarr, numcodecs and h5py raise on damaged files, by the kind of damage (a failed checksum, a broken
 # metadata document, a truncated file...); read errors of these types are reported as a damaged store.
 BACKEND_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+REEXTRACT = (f"delete the part and its {DIGESTS_SUFFIX} file, then rerun the extraction, which extracts its videos "
+             f"again")
 
 
 class StoreError(RuntimeError):
@@ -242,8 +244,7 @@ class FeatureStore:
             return self._reader(part).table()
         except BACKEND_READ_ERRORS as error:
             raise StoreError(f"{self.root / 'parts' / part}: the part's video table is unreadable ({error}); run "
-                             f"`vidshift store verify {self.root}`, then delete the part and its "
-                             f"{DIGESTS_SUFFIX} file and re-run the extraction to extract its videos again") from None
+                             f"`vidshift store verify {self.root}`; {REEXTRACT}") from None
 
     # ---- index ---------------------------------------------------------------------------------------
     def index(self) -> dict:
@@ -400,9 +401,10 @@ class FeatureStore:
         seen = {}
         for part in self.part_names():
             try:
-                table = self.part_table(part)
-            except StoreError as error:  # a damaged part must not hide the others' problems
-                problems.append(f"part {part}: video table unreadable; {_videos_of(index, part)}. {error}")
+                table = self._reader(part).table()
+            except BACKEND_READ_ERRORS as error:  # a damaged part must not hide the others' problems
+                problems.append(f"part {part}: video table unreadable ({type(error).__name__}: {error}); "
+                                f"{_videos_of(index, part)}; {REEXTRACT}")
                 continue
             part_problems = []
             for row in table["videos"]:
@@ -415,9 +417,10 @@ class FeatureStore:
                     progress()
             changed = self._changed_files(part)
             if changed and not part_problems:
-                part_problems.append(f"part {part}: {', '.join(changed)} changed since the part was written; every "
-                                     f"video's data still reads back intact, but the part is damaged: re-extract "
-                                     f"its videos ({', '.join(row['video_id'] for row in table['videos'])})")
+                part_problems.append(
+                    f"part {part}: {', '.join(changed)} differs from the digest recorded at commit in "
+                    f"{digests_path(Path(part)).name} (one of the two changed since); every video's data still reads "
+                    f"back intact ({', '.join(row['video_id'] for row in table['videos'])}), but to be safe {REEXTRACT}")
             problems += part_problems
         return problems
 
