@@ -42,6 +42,7 @@ VERIFY_BLOCK_STEPS = 256  # bounded memory when re-reading long videos
 # What zarr, numcodecs and h5py raise on damaged files, by the kind of damage (a failed checksum, a broken
 # metadata document, a truncated file...); read errors of these types are reported as a damaged store.
 BACKEND_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+NO_CHECKSUM = "has no checksum"
 REEXTRACT = (f"delete the part and its {DIGESTS_SUFFIX} file, then rerun the extraction, which extracts its videos "
              f"again")
 
@@ -80,10 +81,18 @@ def _read_checked_json(path: Path) -> tuple[dict | None, str | None]:
         return None, f"damaged, a JSON {type(data).__name__} where an object belongs"
     digest = data.pop("sha256", None)
     if digest is None:
-        return data, "has no checksum"
+        return data, NO_CHECKSUM
     if digest != _digest(data):
         return data, "damaged: its checksum does not match its content (changed since it was written)"
     return data, None
+
+
+def _read_meta(path: Path) -> tuple[dict | None, str | None]:
+    """store.json as ``_read_checked_json`` reads it; version 1 stores were written without a checksum."""
+    meta, problem = _read_checked_json(path)
+    if meta is not None and meta.get("format_version") == 1 and problem == NO_CHECKSUM:
+        return meta, None
+    return meta, problem
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -117,15 +126,13 @@ class FeatureStore:
         if not meta_path.is_file():
             raise StoreError(f"{root}: not a vidshift feature store (no store.json); create one with "
                              f"`vidshift extract` or `vidshift store import`")
-        meta, problem = _read_checked_json(meta_path)
+        meta, problem = _read_meta(meta_path)
         if meta is None:
             raise StoreError(f"{meta_path}: {problem}; restore store.json from a copy of the store (it holds the "
                              f"provenance, which cannot be recovered from the parts)")
         if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}"
                              f" is not {FORMAT!r} version {FORMAT_VERSION}; upgrade vidshift or re-extract")
-        if meta["format_version"] == 1:
-            problem = None  # written before store.json had a checksum
         if problem and check:
             raise StoreError(f"{meta_path}: {problem}, so the provenance it records cannot be trusted; restore "
                              f"store.json from a copy of the store (`vidshift store verify` checks the rest)")
@@ -185,8 +192,8 @@ class FeatureStore:
         """Apply ``change`` to the current store.json and write it back atomically if it changed."""
         with open(self.root / ".lock-store-json", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent writers (one per shard) queue up here
-            meta, problem = _read_checked_json(self.root / "store.json")
-            if problem and not (meta and meta.get("format_version") == 1 and problem == "has no checksum"):
+            meta, problem = _read_meta(self.root / "store.json")
+            if problem:
                 raise StoreError(f"{self.root / 'store.json'}: {problem}; restore it from a copy of the store")
             before = json.dumps(meta, sort_keys=True)
             change(meta)
