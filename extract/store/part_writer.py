@@ -2,9 +2,10 @@
 
 A part is written under a temporary name and renamed only when complete, so a killed task leaves nothing
 that looks complete. Just before the rename, the sha256 of every file of the part goes into a sidecar
-``<part>.sha256.json``, so ``verify`` catches a changed byte anywhere, metadata and unused space included. Values are checked finite, and within the stored dtype's range, *before* the down-cast:
-a backbone whose activations overflow float16 (random-init ResNet-101 does) is an error naming the video,
-never silently stored inf. The pooled vector is the float32 spatial mean of the un-rounded maps.
+``<part>.sha256.json``, so ``verify`` catches a changed byte anywhere, metadata and unused space included.
+Values are checked finite, and within the stored dtype's range, *before* the down-cast: a backbone whose
+activations overflow float16 (random-init ResNet-101 does) is an error naming the video, never silently
+stored inf. The pooled vector is the float32 spatial mean of the un-rounded maps.
 """
 from __future__ import annotations
 
@@ -156,7 +157,6 @@ def write_digests(path: Path, digests: dict[str, str]) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)  # only left when writing failed (e.g. the disk is full)
-
 
 
 class VideoWriter:

@@ -424,10 +424,11 @@ class FeatureStore:
                     progress()
             changed = self._changed_files(part)
             if changed and not part_problems:
+                videos = ", ".join(row["video_id"] for row in table["videos"])
                 part_problems.append(
                     f"part {part}: {', '.join(changed)} differs from the digest recorded at commit in "
                     f"{digests_path(Path(part)).name} (one of the two changed since); every video's data still reads "
-                    f"back intact ({', '.join(row['video_id'] for row in table['videos'])}), but to be safe {REEXTRACT}")
+                    f"back intact ({videos}), but to be safe {REEXTRACT}")
             problems += part_problems
         return problems
 
