@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
+import re
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -227,18 +229,48 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 # ----------------------------------------------------------------------------- weights
 
 
+CHECKPOINT = "a checkpoint or weights file written by vidshift or torchvision"
+
+
+def safe_load(path: Path, map_location: str | torch.device = "cpu", kind: str = CHECKPOINT):
+    """``torch.load(path, weights_only=True)``, for any .pt/.pth file vidshift reads (weights, checkpoints).
+
+    weights_only unpickles tensors and plain containers only, so a tampered or foreign file is refused before
+    any of its code can run. torch's message for that advises ``weights_only=False``, the one thing not to do
+    with a file one does not trust; this raises a ValueError naming the file and ``kind`` (what it should
+    have been) instead.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as error:
+        reason = _load_refusal(error)
+    except RuntimeError as error:
+        if not str(error).startswith("PytorchStreamReader"):  # not the file's fault (e.g. a device error)
+            raise
+        reason = "damaged: " + str(error).split(".")[0]
+    raise ValueError(f"{path}: refused, not {kind} ({reason}); it was not unpickled, since unpickling a file "
+                     f"that holds other objects can run code from it") from None
+
+
+def _load_refusal(error: Exception) -> str:
+    """What torch found in a refused file, e.g. 'Unsupported global: GLOBAL x.Y'; never torch's advice."""
+    if isinstance(error, EOFError):
+        return "empty or cut short"
+    text = str(error)
+    found = (re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|$)", text, re.MULTILINE)
+             or re.search(r"unsupported (GLOBAL \S+)", text))
+    if found:
+        return found.group(1).strip()
+    return "it holds something other than tensors and plain containers, or is damaged"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict (or {"state_dict": ...}) from a file, refusing anything that is not plain named tensors."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; weights must be 'imagenet', 'none' or "
                                 f"the path of a state dict saved with torch.save(model.state_dict(), path)")
-    try:
-        # weights_only: arbitrary pickled objects are refused rather than unpickled (which could run code).
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises UnpicklingError, KeyError, RuntimeError... by what the file holds
-        raise ValueError(f"weights file {path} is not a plain state dict: torch.load(weights_only=True) refused "
-                         f"it ({type(error).__name__}). Save weights with torch.save(model.state_dict(), path)"
-                         ) from error
+    loaded = safe_load(path, kind="a plain state dict of a torchvision model, as torch.save(model.state_dict(), "
+                                  "path) writes it")
     if isinstance(loaded, dict) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
     if not (isinstance(loaded, dict) and loaded

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .backbones import safe_load
 from .manifest import VideoEntry
 from .provenance import software_versions
 from .store import FeatureStore, FeatureValueError, PartSequence, PartWriter, StoreError
@@ -111,10 +112,7 @@ def _import_one(source: PooledSource, part: PartWriter, channels: int, summary: 
 
 def load_t7(path: Path) -> np.ndarray:
     """One frame's feature vector: a plain 1-D float tensor, loaded without running code from the file."""
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only raises UnpicklingError for anything but tensors and containers
-        raise ValueError(f"{path}: refused, not a plain saved tensor ({_load_refusal(error)})") from None
+    value = safe_load(path, kind="a plain saved tensor")
     if type(value) is not torch.Tensor or value.ndim != 1 or not value.is_floating_point():
         raise ValueError(f"{path}: expected a 1-D float feature tensor (torch.Tensor), found {_describe(value)}")
     return value.detach().numpy().astype(np.float32)
@@ -125,15 +123,6 @@ def _describe(value) -> str:
     kind = type(value)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return f"{name} ({value.ndim}-D {value.dtype})" if isinstance(value, torch.Tensor) else name
-
-
-def _load_refusal(error: Exception) -> str:
-    """The one useful sentence of torch's long weights_only message (e.g. 'Unsupported global: GLOBAL x.Y')."""
-    text = str(error)
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if match:
-        return match.group(1).split(" was not an allowed")[0].strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def t7_frames(folder: Path) -> list[Path]:

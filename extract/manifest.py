@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,28 +69,59 @@ def read_manifest(path: Path) -> list[VideoEntry]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found (pass the CSV written by `vidshift synth` or a builder)")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [name for name in REQUIRED_COLUMNS if name not in header]
-        if missing:
-            raise ManifestError(f"{path}:1: missing column(s) {', '.join(missing)}; "
-                                f"the header must contain {', '.join(REQUIRED_COLUMNS)}")
-        repeated = [name for name, count in Counter(header).items() if count > 1]
-        if repeated:
-            raise ManifestError(f"{path}:1, column {repeated[0]}: the header names column {repeated[0]!r} "
-                                f"{header.count(repeated[0])} times; give each column once")
-        entries, seen = [], {}
-        for row in reader:
-            entry = _parse_row(path, reader.line_num, row)
-            if entry.video_id in seen:
-                raise ManifestError(f"{path}:{entry.line}, column video_id: duplicate video_id "
-                                    f"{entry.video_id!r} (first on line {seen[entry.video_id]})")
-            seen[entry.video_id] = entry.line
-            entries.append(entry)
+    try:
+        return _read_rows(path, csv.DictReader(io.StringIO(_decode(path), newline="")))
+    except csv.Error as error:  # e.g. a NUL byte: the file is not text
+        raise ManifestError(f"{path}: not a CSV manifest ({error}); a manifest is UTF-8 text with a header") from None
+
+
+def _decode(path: Path) -> str:
+    """The manifest's text; a byte that is not UTF-8 is an error naming its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ManifestError(f"{path}:{line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8 "
+                            f"({error.reason}); save the manifest as UTF-8 text (a binary file is not a manifest)"
+                            ) from None
+
+
+def _read_rows(path: Path, reader: csv.DictReader) -> list[VideoEntry]:
+    header = reader.fieldnames or []
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise ManifestError(f"{path}:1: missing column(s) {', '.join(missing)}; "
+                            f"the header must contain {', '.join(REQUIRED_COLUMNS)}")
+    repeated = [name for name, count in Counter(header).items() if count > 1]
+    if repeated:
+        raise ManifestError(f"{path}:1, column {repeated[0]}: the header names column {repeated[0]!r} "
+                            f"{header.count(repeated[0])} times; give each column once")
+    entries, seen = [], {}
+    for row in reader:
+        entry = _parse_row(path, _first_line(path, reader.line_num, row), row)
+        if entry.video_id in seen:
+            raise ManifestError(f"{path}:{entry.line}, column video_id: duplicate video_id "
+                                f"{entry.video_id!r} (first on line {seen[entry.video_id]})")
+        seen[entry.video_id] = entry.line
+        entries.append(entry)
     if not entries:
         raise ManifestError(f"{path}:2: the manifest has a header (line 1) but no rows; add one line per video")
     return entries
+
+
+def _first_line(path: Path, last_line: int, row: dict) -> int:
+    """The line a row starts on. A cell holding a line break means a quote (") was opened and not closed on
+    its line, so csv read on to the next quote or the end of the file; that is an error at the opening quote
+    (no manifest value spans lines), not the "empty value" in a later column it would otherwise become."""
+    cells = [(column, value) for column, value in row.items() if isinstance(value, str)]
+    first = last_line - sum(value.rstrip("\r\n").count("\n") for _, value in cells)  # a cell read to EOF ends in one
+    for column, value in cells:
+        if "\n" in value or "\r" in value:
+            raise ManifestError(f"{path}:{first}, column {column}: unbalanced quote (\"): the quoted cell runs on "
+                                f"to line {last_line}; close the quote, or remove it (plain cells need none)")
+    return first
 
 
 def _parse_row(path: Path, line: int, row: dict) -> VideoEntry:

@@ -7,7 +7,9 @@ The run is resumable and never stopped by a bad video:
 - settings that change what is stored (backbone, weights, preprocessing, sampling, dtype, --keep-partial, and
   --fps when sampling by frame rate) are fixed by the first run; a resume with different ones is refused.
 ``--shard K/N`` lets N independent processes (a SLURM array, several GPUs) fill one store: each takes every
-N-th video, writes parts tagged with its shard and holds its own lock.
+N-th video, writes parts tagged with its shard and holds its own lock; the store records N and refuses another.
+A run stopped by the disk (full, read-only) rolls back the part it was writing and says how much space the
+videos left need; a rerun resumes.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from tqdm import tqdm
 
 from .backbones import Backbone, Preprocess, build_backbone
 from .decode import FRAME_DIR_FPS, DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
+from .errors import OUT_OF_SPACE, describe_os_error, error_number
 from .manifest import VideoEntry, file_sha256, read_manifest
 from .provenance import software_versions
-from .store import DEFAULT_STREAM, FeatureStore, FeatureValueError, PartSequence, PartWriter
+from .store import BACKENDS, DEFAULT_STREAM, FeatureStore, FeatureValueError, PartSequence, PartWriter, StoreError
+from .store.summary import human_bytes
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -50,6 +54,28 @@ class ExtractConfig:
     keep_partial: bool = False         # keep the decodable prefix of a video that breaks part-way
     seed: int = 0                      # random-init weights (--weights none)
     fps: float | None = None           # frame rate of frame directories (videos carry their own)
+
+    def __post_init__(self) -> None:
+        """Refuse a setting that cannot work before any video is touched (the messages name the CLI option)."""
+        for option, value, meaning in (("--frame-size", self.frame_size, "the centre-crop side in pixels"),
+                                       ("--batch-size", self.batch_size, "frames per backbone call"),
+                                       ("--workers", self.workers, "background decode threads"),
+                                       ("--videos-per-part", self.videos_per_part, "videos per committed part")):
+            if value < 1:
+                raise ValueError(f"{option} {value}: must be at least 1 ({meaning})")
+        if self.resize is not None and self.resize < self.frame_size:
+            raise ValueError(f"--resize {self.resize}: must be at least --frame-size ({self.frame_size}), so the "
+                             f"centre crop fits in the resized frame")
+        if self.format not in BACKENDS:
+            raise ValueError(f"--format {self.format!r}: use one of {', '.join(BACKENDS)}")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"--fps {self.fps}: the frame rate of frame directories must be a number > 0")
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed}: must be 0 or more")
+        Sampling.parse(self.sampling)
+        parse_shard(self.shard)
 
 
 @dataclass
@@ -82,8 +108,8 @@ def parse_shard(spec: str) -> tuple[int, int]:
         index, count = (int(part) for part in spec.split("/"))
     except ValueError:
         raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard {spec!r}: K must be in [0, N)")
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {spec!r}: need N >= 1 and K in 0..N-1, e.g. 0/4 to 3/4 for four processes")
     return index, count
 
 
@@ -101,10 +127,6 @@ def store_provenance(config: ExtractConfig, backbone: Backbone) -> dict:
 
 
 def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
-    if config.dtype not in STORE_DTYPES:
-        raise ValueError(f"--dtype {config.dtype!r}: use one of {', '.join(STORE_DTYPES)}")
-    if config.fps is not None and not (math.isfinite(config.fps) and config.fps > 0):
-        raise ValueError(f"--fps {config.fps}: the frame rate of frame directories must be a number > 0")
     shard_index, shard_count = parse_shard(config.shard)
     sampling = Sampling.parse(config.sampling)
     entries = read_manifest(config.manifest)[shard_index::shard_count]
@@ -115,7 +137,9 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
     tag = f"s{shard_index}of{shard_count}"
     summary = ExtractSummary(store=config.out)
     started = time.perf_counter()
-    with FeatureStore.create_or_open(config.out, config.format, config.stream, provenance) as store, store.lock(tag):
+    store = FeatureStore.create_or_open(config.out, config.format, config.stream, provenance)
+    store.claim_shard_layout(shard_index, shard_count)
+    with store, store.lock(tag):
         present = store.videos(config.stream)
         todo = [entry for entry in entries if entry.video_id not in present]
         summary.skipped = len(entries) - len(todo)
@@ -129,16 +153,36 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
                           entry.end_frame, config.fps) for entry in todo)
         by_id = {entry.video_id: entry for entry in todo}
         bar = tqdm(total=len(todo), unit="video", disable=None if show_progress else True, desc="extract")
-        with bar, PartSequence(new_part, config.videos_per_part) as parts:
-            for decoded in prefetch(jobs, config.batch_size, config.workers):
-                entry = by_id[decoded.job.key]
-                summary.frames += _extract_video(entry, decoded, backbone, parts.current(), config, summary)
-                parts.video_done()
-                bar.update()
-                bar.set_postfix(frames_per_s=f"{summary.frames / (time.perf_counter() - started):.1f}")
+        try:
+            with bar, PartSequence(new_part, config.videos_per_part) as parts:
+                for decoded in prefetch(jobs, config.batch_size, config.workers):
+                    entry = by_id[decoded.job.key]
+                    summary.frames += _extract_video(entry, decoded, backbone, parts.current(), config, summary)
+                    parts.video_done()
+                    bar.update()
+                    bar.set_postfix(frames_per_s=f"{summary.frames / (time.perf_counter() - started):.1f}")
+        except OSError as error:  # the disk, not a video: the part was rolled back on the way out
+            raise StoreError(_write_failure(error, store, entries, config.stream)) from error
         store.rebuild_index()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _write_failure(error: OSError, store: FeatureStore, entries: list[VideoEntry], stream: str) -> str:
+    """What a run stopped by the disk says: the error, that nothing committed is lost, what a rerun needs."""
+    stored = store.videos(stream)  # the index is rebuilt in memory if it cannot be written
+    left = sum(1 for entry in entries if entry.video_id not in stored)
+    message = (f"extraction into {store.root} stopped: {describe_os_error(error)}.\nThe part being written was "
+               f"rolled back; the {len(store.part_names())} committed part(s) ({len(stored)} videos) are intact, and "
+               f"rerunning the same command resumes with the {left} video(s) left")
+    if error_number(error) not in OUT_OF_SPACE:
+        return message + "."
+    if not stored:
+        return message + (". No part was committed, so the space they need is unknown: at least one part "
+                          "(--videos-per-part videos) must fit.")
+    per_video = store.disk_bytes() / len(stored)
+    return message + (f", which need about {human_bytes(per_video * left)} more ({human_bytes(per_video)} per "
+                      f"video so far).")
 
 
 def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone, part: PartWriter,

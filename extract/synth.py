@@ -109,13 +109,16 @@ class SynthConfig:
         if not self.domains or unknown or len(set(self.domains)) != len(self.domains):
             raise ValueError(f"SynthConfig.domains={self.domains!r}: give one or more distinct names "
                              f"from {sorted(DOMAIN_STYLES)}")
+        # Messages name the CLI option and the field, for `vidshift synth` and API users alike.
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed} (SynthConfig.seed): must be 0 or more")
         if self.videos_per_class < 3:
-            raise ValueError(f"SynthConfig.videos_per_class={self.videos_per_class}: need at least 3 "
-                             "so that train, val and test each get a video of every class")
+            raise ValueError(f"--videos-per-class {self.videos_per_class} (SynthConfig.videos_per_class): need at "
+                             "least 3 so that train, val and test each get a video of every class")
         if self.num_frames < 2:
-            raise ValueError(f"SynthConfig.num_frames={self.num_frames}: motion needs at least 2 frames")
+            raise ValueError(f"--frames {self.num_frames} (SynthConfig.num_frames): motion needs at least 2 frames")
         if self.frame_size < 16:
-            raise ValueError(f"SynthConfig.frame_size={self.frame_size}: use 16 or more pixels")
+            raise ValueError(f"--frame-size {self.frame_size} (SynthConfig.frame_size): use 16 or more pixels")
         if not 0.0 <= self.static_cue_strength <= 1.0:
             raise ValueError(f"SynthConfig.static_cue_strength={self.static_cue_strength}: "
                              "must be a probability in [0, 1]")

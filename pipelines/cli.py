@@ -1,7 +1,9 @@
 """The ``vidshift`` command line (DESIGN §3). Exit codes: 0 ok, 1 usage/input error, 2 some videos failed."""
 from __future__ import annotations
 
+import csv
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import yaml
 from tqdm import tqdm
 
 from extract.backbones import available_backbones
+from extract.errors import describe_os_error
 from extract.manifest import ManifestError
 from extract.run import ExtractConfig, run_extract
 from extract.store import FeatureStore, StoreError
@@ -23,7 +26,11 @@ from pipelines.diagnose import diagnose
 from pipelines.evaluate import evaluate_run
 from pipelines.train import TrainConfig, train as run_training
 
-INPUT_ERRORS = (ManifestError, StoreError, ValueError, FileNotFoundError, KeyError)  # RunError, HeadError: ValueError
+# Expected failures: bad input (RunError, HeadError, ManifestError, JSON and UTF-8 errors are ValueErrors), a
+# damaged or incompatible store, the operating system (disk full, read-only, missing files), and files that
+# are not what they claim (YAML, CSV, pickles refused by weights_only). Anything else is a bug: traceback.
+EXPECTED_ERRORS = (ManifestError, StoreError, ValueError, KeyError, OSError, yaml.YAMLError, csv.Error,
+                   pickle.UnpicklingError)
 
 
 class UserError(click.ClickException):
@@ -32,18 +39,45 @@ class UserError(click.ClickException):
     exit_code = 1
 
 
+def describe_error(error: BaseException) -> str:
+    """The message a user sees for an expected failure: what is wrong, where, and what to do."""
+    if isinstance(error, OSError) and (error.errno is not None or error.filename is not None):
+        return describe_os_error(error)
+    if isinstance(error, pickle.UnpicklingError):  # torch's text would suggest weights_only=False: never do that
+        return ("refused to load a file that is not a checkpoint or weights file written by vidshift or "
+                "torchvision; it was not unpickled, since unpickling an untrusted file can run code from it")
+    if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+        return error.args[0]  # str(KeyError) would quote it
+    return str(error)
+
+
 class VidshiftGroup(click.Group):
-    """Turns the input errors our modules raise, in any subcommand, into one-line messages with exit code 1."""
+    """The one error boundary: every expected failure of any subcommand becomes a message naming the file or
+    option and what to do, with exit code 1 (usage errors too: 2 means "finished, some videos failed").
+    ``vidshift --debug`` shows the traceback instead."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:  # `vidshift --unknown-option`
+            error.exit_code = 1
+            raise
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except INPUT_ERRORS as error:
-            raise UserError(str(error)) from error
+        except click.UsageError as error:  # a subcommand's bad option or value
+            error.exit_code = 1
+            raise
+        except EXPECTED_ERRORS as error:
+            if ctx.params.get("debug"):
+                raise
+            raise UserError(describe_error(error)) from error
 
 
 @click.group(cls=VidshiftGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of any error (for a bug report).")
+def main(debug: bool) -> None:
     """vidshift: cached-feature pipeline for video domain adaptation and generalization."""
 
 
@@ -122,13 +156,13 @@ def info(path: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 def verify(path: Path) -> None:
     """Re-read every chunk and video hash; exit 1 naming every bad video."""
-    with FeatureStore.open(path) as feature_store:
-        total = sum(len(feature_store.videos(stream)) for stream in feature_store.streams)
-        with tqdm(total=total, desc="verify", unit="video") as bar:
+    with FeatureStore.open(path, check=False) as feature_store:  # verify reports a damaged store.json itself
+        with tqdm(desc="verify", unit="video") as bar:
             problems = feature_store.verify(progress=bar.update)
+            checked = bar.n
     for problem in problems:
         click.echo(f"BAD {problem}")
-    click.echo(f"{total} videos checked, {len(problems)} problem(s)")
+    click.echo(f"{checked} videos checked, {len(problems)} problem(s)")
     sys.exit(1 if problems else 0)
 
 
@@ -136,7 +170,8 @@ def parse_overrides(config_file: Path | None, assignments: tuple[str, ...]) -> d
     """Hyper-parameter overrides: the YAML file's mapping, then each ``--set name=value`` (YAML-typed)."""
     overrides = {}
     if config_file is not None:
-        loaded = yaml.safe_load(config_file.read_text()) or {}
+        # bytes: PyYAML detects the encoding and reports a non-UTF-8 byte as a YAML error with its position
+        loaded = _load_yaml(config_file.read_bytes(), f"--config {config_file}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file}: expected a mapping of hyper-parameter names to values")
         overrides.update(loaded)
@@ -144,8 +179,20 @@ def parse_overrides(config_file: Path | None, assignments: tuple[str, ...]) -> d
         name, sep, value = assignment.partition("=")
         if not sep or not name:
             raise ValueError(f"--set {assignment!r}: expected name=value, e.g. --set lr=0.01")
-        overrides[name.strip()] = yaml.safe_load(value)
+        overrides[name.strip()] = _load_yaml(value, f"--set {assignment!r}")
     return overrides
+
+
+def _load_yaml(text: str | bytes, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None)
+        detail = (f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if problem and mark
+                  else " ".join(str(error).split()))
+        raise ValueError(f"{where}: not valid YAML ({detail}); write a mapping such as `lr: 0.01` (one "
+                         f"name: value per line) and quote values holding ':' '#' '[' or '{{'") from None
 
 
 def list_models() -> str:

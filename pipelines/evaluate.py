@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from extract.backbones import safe_load
 from extract.manifest import read_manifest
 from extract.store import FeatureStore
 import heads
@@ -87,7 +88,7 @@ def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: 
     weights = run_dir / f"{checkpoint}.pt"
     if not weights.is_file():
         raise RunError(f"{weights} not found; use --checkpoint best or checkpoint (the last finished epoch)")
-    model.load_state_dict(torch.load(weights, map_location=torch_device, weights_only=True)["model"])
+    model.load_state_dict(safe_load(weights, map_location=torch_device)["model"])
     return LoadedRun(record, store, model, torch_device)
 
 

@@ -34,6 +34,7 @@ import yaml
 from tqdm import tqdm
 
 import heads
+from extract.backbones import safe_load
 from extract.manifest import file_sha256
 from extract.provenance import software_versions
 from heads.base import LabelledBatch, UnlabelledBatch, batch_size, cat_inputs, map_inputs
@@ -165,7 +166,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     history, start_epoch = [], 0
     if resume and checkpoint_path.exists():
         # RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state to the model's device
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state = safe_load(checkpoint_path)
         model.load_state_dict(state["model"])
         for optimizer, saved in zip(model.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)

@@ -4,10 +4,17 @@ Same layout as the zarr backend: datasets ``<stream>/maps`` [T, H, W, C], ``<str
 ``<stream>/steps`` [T, 2] and ``table`` (UTF-8 JSON bytes). One ``maps`` step per chunk (``pooled`` and
 ``steps``: a few, as the writer chooses), zstd level 1 through hdf5plugin (readers need hdf5plugin too;
 importing this module registers it) and a fletcher32 checksum per chunk, which makes a flipped byte an I/O
-error instead of silently wrong numbers.
+error instead of silently wrong numbers; the table is chunked and checksummed the same way.
+
+The writer hands libhdf5 a Python file (``_DeferredErrorFile``) instead of a path. libhdf5 copes badly with a
+write that fails (a full disk): it buffers chunks and retries its flush when the file is closed and again at
+interpreter exit, and h5py segfaulted there. So a failed write is recorded, libhdf5 is told it succeeded, and
+the recorded error is raised by us, at the next write or when the part is finished; the part is then
+discarded, so what libhdf5 believed it wrote never matters.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,10 +25,42 @@ import numpy as np
 SUFFIX = ".h5"
 
 
+class _DeferredErrorFile(io.FileIO):
+    """A file whose first write error is kept in ``error`` instead of being raised to libhdf5 (see above)."""
+
+    error: OSError | None = None
+    _write_to_disk = io.FileIO.write  # where the part's bytes reach the OS (tests inject disk errors here)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = 0
+        while self.error is None and written < len(view):
+            try:
+                written += self._write_to_disk(view[written:])  # a regular file may take fewer bytes than offered
+            except OSError as error:
+                self.error = error
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as error:  # growing a file past a size limit fails here, not in write
+                self.error = error
+        return size or 0
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(self.name))
+
+
 class Hdf5PartWriter:
     def __init__(self, path: Path, shard_steps: int) -> None:
         del shard_steps  # HDF5 packs chunks into one file by itself; no shard notion
-        self.file = h5py.File(path, "w")
+        self.sink = _DeferredErrorFile(path, "w+")
+        # libver v110: checksummed metadata (superblock, object headers, chunk indexes), so a damaged header is
+        # an error instead of being parsed as garbage; readers need HDF5 >= 1.10 (2017), as h5py >= 2.10 ships.
+        self.file = h5py.File(self.sink, "w", libver="v110")
 
     def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str, chunk_steps: int) -> None:
         self.file.create_dataset(
@@ -34,6 +73,7 @@ class Hdf5PartWriter:
         if dataset.shape[0] < end:
             dataset.resize(end, axis=0)
         dataset[start:end] = rows
+        self.sink.raise_error()  # stop at the first failed write, not after the whole part
 
     def read_back(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
         return self.file[f"{stream}/{name}"][start:stop]
@@ -42,11 +82,14 @@ class Hdf5PartWriter:
         self.file[f"{stream}/{name}"].resize(length, axis=0)
 
     def finish(self, table: dict) -> None:
-        self.file.create_dataset("table", data=np.frombuffer(json.dumps(table).encode(), dtype=np.uint8))
-        self.file.close()
+        payload = np.frombuffer(json.dumps(table).encode(), dtype=np.uint8)
+        self.file.create_dataset("table", data=payload, chunks=payload.shape, fletcher32=True)
+        self.close()
+        self.sink.raise_error()
 
     def close(self) -> None:
         self.file.close()  # a no-op when finish() already closed it
+        self.sink.close()
 
 
 class Hdf5PartReader:

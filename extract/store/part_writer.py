@@ -1,13 +1,17 @@
 """Writing one store part: videos appended step batch by step batch, committed by one atomic rename.
 
 A part is written under a temporary name and renamed only when complete, so a killed task leaves nothing
-that looks complete. Values are checked finite, and within the stored dtype's range, *before* the down-cast:
-a backbone whose activations overflow float16 (random-init ResNet-101 does) is an error naming the video,
-never silently stored inf. The pooled vector is the float32 spatial mean of the un-rounded maps.
+that looks complete. Just before the rename, the sha256 of every file of the part goes into a sidecar
+``<part>.sha256.json``, so ``verify`` catches a changed byte anywhere, metadata and unused space included.
+Values are checked finite, and within the stored dtype's range, *before* the down-cast: a backbone whose
+activations overflow float16 (random-init ResNet-101 does) is an error naming the video, never silently
+stored inf. The pooled vector is the float32 spatial mean of the un-rounded maps.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -18,11 +22,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..manifest import file_sha256
+
 ARRAY_NAMES = ("maps", "pooled", "steps")
 # Steps per chunk of the small arrays. Maps keep one step per chunk (the read pattern is a few random steps per
 # video), but a pooled or steps row is only a few KB, and zarr pays ~1 ms per chunk whatever its size: 16 steps
 # per chunk made zarr writes 10x and whole-video reads 6x faster (benchmarks/README.md).
 SMALL_ARRAY_CHUNK_STEPS = 16
+DIGESTS_SUFFIX = ".sha256.json"  # parts/<part><suffix>: {file inside the part: sha256}, written at commit
 
 
 class FeatureValueError(ValueError):
@@ -112,11 +119,14 @@ class PartWriter:
         for name in self.names:
             self.backend.truncate(self.stream, name, self.cursor)
         self.backend.finish(self.table)
+        write_digests(digests_path(self.final_path), file_digests(self.tmp_path))
         os.replace(self.tmp_path, self.final_path)  # the commit: atomic on a POSIX filesystem
         return self.final_path
 
     def abort(self) -> None:
-        self.backend.close()  # an HDF5 file is closed before it is unlinked, so no handle outlives the part
+        """Drop the part. Never raises: it runs while another error (often a full disk) is on its way up."""
+        with contextlib.suppress(OSError):
+            self.backend.close()  # an HDF5 file is closed before it is unlinked, so no handle outlives the part
         self.remove(self.tmp_path)
 
     @staticmethod
@@ -125,7 +135,28 @@ class PartWriter:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. a read-only directory: the next lock() retries
+                path.unlink(missing_ok=True)
+
+
+def digests_path(part: Path) -> Path:
+    return part.with_name(part.name + DIGESTS_SUFFIX)
+
+
+def file_digests(part: Path) -> dict[str, str]:
+    """sha256 of each file of a part, by its path inside the part ("." for an HDF5 part's single file)."""
+    files = sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
+    return {(f.relative_to(part).as_posix() if part.is_dir() else "."): file_sha256(f) for f in files}
+
+
+def write_digests(path: Path, digests: dict[str, str]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(json.dumps(digests, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # only left when writing failed (e.g. the disk is full)
 
 
 class VideoWriter:
@@ -212,8 +243,16 @@ class PartSequence:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
-        if self.part is not None:
-            self.part.commit() if error_type is None else self.part.abort()
+        if self.part is None:
+            return
+        if error_type is not None:
+            self.part.abort()
+            return
+        try:
+            self.part.commit()
+        except BaseException:  # e.g. the disk filled while the last part was being closed
+            self.part.abort()
+            raise
 
 
 def _cast(maps: np.ndarray, dtype: np.dtype) -> np.ndarray:

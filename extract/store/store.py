@@ -2,9 +2,11 @@
 
 ```
 STORE/
-  store.json            format, backend, per-stream provenance; written once, when the store is created
+  store.json            format, backend, shard layout, per-stream provenance, and the sha256 of all of it
   parts/part-*.zarr|h5  committed parts (one writer each); parts/.tmp-* are parts being written
-  index.json            video_id -> part, offset, n_steps, hash, attributes; rebuilt from the parts when stale
+  parts/part-*.sha256.json  the sha256 of every file of a part, written when it is committed
+  index.json            video_id -> part, offset, n_steps, hash, attributes, and its own sha256; rebuilt from
+                        the parts when stale, missing or damaged
   .lock-<tag>           held by the extraction run writing parts tagged <tag>
 ```
 The same API serves both backends; nothing outside ``extract/store`` knows which one a store uses.
@@ -12,8 +14,11 @@ The same API serves both backends; nothing outside ``extract/store`` knows which
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,14 +28,23 @@ from typing import TextIO
 import numpy as np
 
 from . import hdf5_part, zarr_part
-from .part_writer import PartWriter, VideoHasher
+from .part_writer import DIGESTS_SUFFIX, PartWriter, VideoHasher, digests_path, file_digests
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vidshift-feature-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: store.json and index.json carry their sha256, parts a sidecar of file digests
+READABLE_VERSIONS = (1, 2)  # version 1 stores read as before, without those checks
 BACKENDS = {"zarr": (zarr_part.SUFFIX, zarr_part.ZarrPartWriter, zarr_part.ZarrPartReader),
             "hdf5": (hdf5_part.SUFFIX, hdf5_part.Hdf5PartWriter, hdf5_part.Hdf5PartReader)}
 DEFAULT_STREAM = "rgb"
 VERIFY_BLOCK_STEPS = 256  # bounded memory when re-reading long videos
+# What zarr, numcodecs and h5py raise on damaged files, by the kind of damage (a failed checksum, a broken
+# metadata document, a truncated file...); read errors of these types are reported as a damaged store.
+BACKEND_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+NO_CHECKSUM = "has no checksum"
+REEXTRACT = (f"delete the part and its {DIGESTS_SUFFIX} file, then rerun the extraction, which extracts its videos "
+             f"again")
 
 
 class StoreError(RuntimeError):
@@ -48,17 +62,56 @@ class VideoRecord:
     attrs: dict
 
 
+def _digest(payload: dict) -> str:
+    """sha256 of the canonical JSON of ``payload``: one changed byte in a value or key changes it."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _checked_json_text(payload: dict) -> str:
+    return json.dumps({**payload, "sha256": _digest(payload)}, indent=1, sort_keys=True)
+
+
+def _read_checked_json(path: Path) -> tuple[dict | None, str | None]:
+    """(payload, None) for a JSON object whose embedded sha256 matches; else (payload or None, the problem)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"damaged, not valid JSON ({error})"
+    if not isinstance(data, dict):
+        return None, f"damaged, a JSON {type(data).__name__} where an object belongs"
+    digest = data.pop("sha256", None)
+    if digest is None:
+        return data, NO_CHECKSUM
+    if digest != _digest(data):
+        return data, "damaged: its checksum does not match its content (changed since it was written)"
+    return data, None
+
+
+def _read_meta(path: Path) -> tuple[dict | None, str | None]:
+    """store.json as ``_read_checked_json`` reads it; version 1 stores were written without a checksum."""
+    meta, problem = _read_checked_json(path)
+    if meta is not None and meta.get("format_version") == 1 and problem == NO_CHECKSUM:
+        return meta, None
+    return meta, problem
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(_checked_json_text(payload))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when writing failed
 
 
 class FeatureStore:
     """Open with ``FeatureStore.open(path)`` (read) or ``FeatureStore.create_or_open(...)`` (extraction)."""
 
-    def __init__(self, root: Path, meta: dict) -> None:
-        self.root, self.meta = Path(root), meta
+    def __init__(self, root: Path, meta: dict, meta_problem: str | None = None) -> None:
+        self.root, self.meta, self.meta_problem = Path(root), meta, meta_problem
+        if meta.get("backend") not in BACKENDS or not isinstance(meta.get("streams"), dict):
+            raise StoreError(f"{self.root / 'store.json'}: damaged (no valid backend or streams entry); restore "
+                             f"store.json from a copy of the store")
         self.backend = meta["backend"]
         self.suffix, self._writer_cls, self._reader_cls = BACKENDS[self.backend]
         self._index: dict | None = None
@@ -66,16 +119,24 @@ class FeatureStore:
 
     # ---- opening -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path) -> "FeatureStore":
+    def open(cls, root: Path, check: bool = True) -> "FeatureStore":
+        """Open a store for reading. A store.json that fails its checksum is refused; ``check=False`` opens it
+        anyway and keeps the problem in ``meta_problem`` (for ``verify``, which reports it)."""
         meta_path = Path(root) / "store.json"
         if not meta_path.is_file():
             raise StoreError(f"{root}: not a vidshift feature store (no store.json); create one with "
                              f"`vidshift extract` or `vidshift store import`")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        meta, problem = _read_meta(meta_path)
+        if meta is None:
+            raise StoreError(f"{meta_path}: {problem}; restore store.json from a copy of the store (it holds the "
+                             f"provenance, which cannot be recovered from the parts)")
+        if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}"
                              f" is not {FORMAT!r} version {FORMAT_VERSION}; upgrade vidshift or re-extract")
-        return cls(Path(root), meta)
+        if problem and check:
+            raise StoreError(f"{meta_path}: {problem}, so the provenance it records cannot be trusted; restore "
+                             f"store.json from a copy of the store (`vidshift store verify` checks the rest)")
+        return cls(Path(root), meta, problem)
 
     @classmethod
     def create_or_open(cls, root: Path, backend: str, stream: str, provenance: dict) -> "FeatureStore":
@@ -85,13 +146,13 @@ class FeatureStore:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "streams": {stream: provenance}}
         tmp = root / f".store.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
         try:
+            tmp.write_text(_checked_json_text(meta))
             os.link(tmp, root / "store.json")  # create-if-absent, atomic even between concurrent runs
         except FileExistsError:
             pass
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
         store = cls.open(root)
         if backend != store.backend:
             raise StoreError(f"{root} is a {store.backend} store; re-run with --format {store.backend} "
@@ -102,12 +163,43 @@ class FeatureStore:
         return store
 
     def _add_stream(self, stream: str, provenance: dict) -> None:
-        """Add a stream (e.g. Flow next to RGB) to an existing store; store.json is replaced atomically."""
+        """Add a stream (e.g. Flow next to RGB) to an existing store."""
+        self._update_meta(lambda meta: meta["streams"].setdefault(stream, provenance))
+
+    def claim_shard_layout(self, index: int, count: int) -> None:
+        """Fix the N of ``--shard K/N`` on the first extraction and refuse another N later.
+
+        Shard K of N takes every N-th video, so writers with different N would extract (and store) the same
+        videos twice without ever sharing a lock. Stores made before the layout was recorded are read from
+        their part names.
+        """
+        def claim(meta: dict) -> None:
+            recorded = meta.get("shard_count") or self._shard_count_of_parts()
+            if recorded and recorded != count:
+                raise StoreError(
+                    f"{self.root} is filled by {recorded} shard(s) (--shard K/{recorded}), so --shard "
+                    f"{index}/{count} would store videos twice; use --shard K/{recorded} with K in 0..{recorded - 1}"
+                    f", or another --out for another layout")
+            meta["shard_count"] = count
+        self._update_meta(claim)
+
+    def _shard_count_of_parts(self) -> int | None:
+        counts = {int(match.group(1)) for name in self.part_names()
+                  if (match := re.match(r"part-s\d+of(\d+)-", name))}
+        return max(counts) if counts else None
+
+    def _update_meta(self, change: Callable[[dict], None]) -> None:
+        """Apply ``change`` to the current store.json and write it back atomically if it changed."""
         with open(self.root / ".lock-store-json", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # writers adding streams at the same time queue up here
-            meta = json.loads((self.root / "store.json").read_text())
-            meta["streams"].setdefault(stream, provenance)
-            _write_json_atomic(self.root / "store.json", meta)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent writers (one per shard) queue up here
+            meta, problem = _read_meta(self.root / "store.json")
+            if problem:
+                raise StoreError(f"{self.root / 'store.json'}: {problem}; restore it from a copy of the store")
+            before = json.dumps(meta, sort_keys=True)
+            change(meta)
+            if json.dumps(meta, sort_keys=True) != before or meta["format_version"] != FORMAT_VERSION:
+                meta["format_version"] = FORMAT_VERSION
+                _write_json_atomic(self.root / "store.json", meta)
         self.meta = meta
 
     def _check_compatible(self, stream: str, provenance: dict) -> None:
@@ -151,17 +243,36 @@ class FeatureStore:
         return sorted(path.name for path in (self.root / "parts").glob(f"part-*{self.suffix}"))
 
     def part_tables(self) -> dict[str, dict]:
-        return {name: self._reader(name).table() for name in self.part_names()}
+        return {name: self.part_table(name) for name in self.part_names()}
+
+    def part_table(self, part: str) -> dict:
+        """A part's video table; StoreError naming the part when it cannot be read."""
+        try:
+            return self._reader(part).table()
+        except BACKEND_READ_ERRORS as error:
+            raise StoreError(f"{self.root / 'parts' / part}: the part's video table is unreadable ({error}); run "
+                             f"`vidshift store verify {self.root}`; {REEXTRACT}") from None
 
     # ---- index ---------------------------------------------------------------------------------------
     def index(self) -> dict:
-        """The store index; rebuilt by scanning the parts whenever the set of committed parts changed."""
+        """The store index; rebuilt from the parts when the set of committed parts changed, or when index.json
+        is missing or damaged (it holds nothing the parts do not, so a rebuild loses nothing)."""
         parts = self.part_names()
         if self._index is None or self._index["parts"] != parts:
-            path = self.root / "index.json"
-            cached = json.loads(path.read_text()) if path.is_file() else None
+            cached, problem = self._index_on_disk()
+            if problem and parts:
+                log.warning("%s: %s; rebuilt it from the %d part(s), nothing is lost",
+                            self.root / "index.json", problem, len(parts))
             self._index = cached if cached and cached.get("parts") == parts else self.rebuild_index()
         return self._index
+
+    def _index_on_disk(self) -> tuple[dict | None, str | None]:
+        """index.json if it is intact, else (None, what is wrong with it)."""
+        path = self.root / "index.json"
+        if not path.is_file():
+            return None, "missing"
+        index, problem = _read_checked_json(path)
+        return (None, problem) if problem else (index, None)
 
     def rebuild_index(self) -> dict:
         videos: dict[str, dict] = {}
@@ -193,22 +304,33 @@ class FeatureStore:
         chunked zarr/HDF5 arrays) and returned in the order asked, repeats allowed.
         """
         record = self.video(video_id, stream)
-        reader = self._reader(record.part)
-        if not reader.has(stream, array):
-            raise StoreError(f"{self.root}: stream {stream!r} has no {array!r} array (features imported from a "
-                             f"pooled-only release have no maps); use a head that reads 'pooled' or re-extract")
-        start = record.offset
         if steps is None:
-            return reader.read(stream, array, start, start + record.n_steps)
+            return self._read_rows(record, array, 0, record.n_steps)
         wanted = np.asarray(steps, dtype=np.int64).reshape(-1)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= record.n_steps):
             raise IndexError(f"{video_id}: steps {wanted.tolist()} outside [0, {record.n_steps})")
         unique = np.unique(wanted)
         runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if unique.size else []
-        blocks = [reader.read(stream, array, start + run[0], start + run[-1] + 1) for run in runs]
+        blocks = [self._read_rows(record, array, run[0], run[-1] + 1) for run in runs]
         if not blocks:
-            return reader.read(stream, array, start, start)
+            return self._read_rows(record, array, 0, 0)
         return np.concatenate(blocks)[np.searchsorted(unique, wanted)]
+
+    def _read_rows(self, record: VideoRecord, array: str, start: int, stop: int) -> np.ndarray:
+        """Steps [start, stop) of one video's array. A failed chunk checksum (or any damage the backend finds)
+        becomes a StoreError naming the video, never a value that is silently wrong."""
+        try:
+            reader = self._reader(record.part)
+            present = reader.has(record.stream, array)
+            rows = reader.read(record.stream, array, record.offset + start, record.offset + stop) if present else None
+        except BACKEND_READ_ERRORS as error:
+            raise StoreError(f"{self.root}: cannot read {array!r} of video {record.video_id!r} (part {record.part}):"
+                             f" {type(error).__name__}: {error}. The store is damaged; `vidshift store verify "
+                             f"{self.root}` lists every affected video") from None
+        if rows is None:
+            raise StoreError(f"{self.root}: stream {record.stream!r} has no {array!r} array (features imported "
+                             f"from a pooled-only release have no maps); use a head that reads 'pooled' or re-extract")
+        return rows
 
     def _reader(self, part: str):
         if part not in self._readers:
@@ -247,6 +369,9 @@ class FeatureStore:
                              f"or give this run another --shard") from None
         for stale in (self.root / "parts").glob(f".tmp-part-{tag}-*"):
             PartWriter.remove(stale)
+        for digests in (self.root / "parts").glob(f"part-{tag}-*{DIGESTS_SUFFIX}"):
+            if not digests.with_name(digests.name[: -len(DIGESTS_SUFFIX)]).exists():
+                digests.unlink()  # written by a run killed just before it committed its part
         return handle
 
     def new_part(self, tag: str, stream: str, dtype: str, channels: int, part_info: dict,
@@ -260,24 +385,65 @@ class FeatureStore:
 
     # ---- integrity -----------------------------------------------------------------------------------
     def verify(self, progress: Callable[[], None] | None = None) -> list[str]:
-        """Re-read every chunk (checksummed) and recompute every video's hash; return one line per problem.
-        ``progress()`` is called after each video (e.g. a tqdm bar's update)."""
-        problems, seen = [], {}
+        """Check everything that can change on disk; return one line per problem, naming the video where a
+        video is affected and the file otherwise. ``progress()`` is called after each video.
+
+        store.json and index.json are checked against their embedded sha256 (a damaged index is rebuilt);
+        every part's video table is read, every chunk re-read (each has a checksum) and every video's content
+        hash recomputed; a part whose videos all read back intact is still compared with the digests of its
+        files taken at commit, which catches a changed byte in metadata or unused space.
+        """
+        problems = []
+        if self.meta_problem:
+            problems.append(f"store.json: {self.meta_problem}; its provenance cannot be trusted: restore store.json "
+                            f"from a copy of the store")
+        index, index_problem = self._index_on_disk()
+        if index_problem not in (None, "missing"):
+            try:
+                self.rebuild_index()
+                repair = "rebuilt it from the parts, nothing was lost"
+            except StoreError:
+                repair = "cannot rebuild it while a part's video table is unreadable (see below)"
+            problems.append(f"index.json: {index_problem}; {repair}")
+        seen = {}
         for part in self.part_names():
             try:
                 table = self._reader(part).table()
-            except Exception as error:  # a damaged part must not hide the others' problems
-                problems.append(f"part {part}: unreadable ({type(error).__name__}: {error})")
+            except BACKEND_READ_ERRORS as error:  # a damaged part must not hide the others' problems
+                problems.append(f"part {part}: video table unreadable ({type(error).__name__}: {error}); "
+                                f"{_videos_of(index, part)}; {REEXTRACT}")
                 continue
+            part_problems = []
             for row in table["videos"]:
                 key = (table["stream"], row["video_id"])
                 if key in seen:
                     problems.append(f"video {row['video_id']}: stored twice ({seen[key]} and {part})")
                 seen[key] = part
-                problems += self._verify_video(part, table["stream"], row)
+                part_problems += self._verify_video(part, table["stream"], row)
                 if progress:
                     progress()
+            changed = self._changed_files(part)
+            if changed and not part_problems:
+                videos = ", ".join(row["video_id"] for row in table["videos"])
+                part_problems.append(
+                    f"part {part}: {', '.join(changed)} differs from the digest recorded at commit in "
+                    f"{digests_path(Path(part)).name} (one of the two changed since); every video's data still reads "
+                    f"back intact ({videos}), but to be safe {REEXTRACT}")
+            problems += part_problems
         return problems
+
+    def _changed_files(self, part: str) -> list[str]:
+        """Files of a part whose sha256 differs from the one recorded at commit ([] for parts without digests)."""
+        path = self.root / "parts" / part
+        try:
+            recorded = json.loads(digests_path(path).read_text())
+        except FileNotFoundError:
+            return []  # written by a vidshift that recorded no file digests
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return [digests_path(path).name]
+        actual = file_digests(path)
+        return [f"{part}/{name}" if name != "." else part
+                for name in sorted(recorded.keys() | actual.keys()) if recorded.get(name) != actual.get(name)]
 
     def _verify_video(self, part: str, stream: str, row: dict) -> list[str]:
         reader, hasher = self._reader(part), VideoHasher()
@@ -288,17 +454,25 @@ class FeatureStore:
                 for start in range(0, row["n_steps"], VERIFY_BLOCK_STEPS):
                     stop = min(start + VERIFY_BLOCK_STEPS, row["n_steps"])
                     hasher.update(name, reader.read(stream, name, row["offset"] + start, row["offset"] + stop))
-        except Exception as error:
+        except BACKEND_READ_ERRORS as error:
             return [f"video {row['video_id']} ({part}): checksum or read error: {type(error).__name__}: {error}"]
         if hasher.hexdigest() != row["sha256"]:
             return [f"video {row['video_id']} ({part}): content hash mismatch (data changed since it was written)"]
         return []
 
     def disk_bytes(self) -> int:
-        """Bytes on disk of the committed parts."""
+        """Bytes on disk of the committed parts (with their digest files)."""
         total = 0
         for name in self.part_names():
             path = self.root / "parts" / name
-            files = path.rglob("*") if path.is_dir() else [path]
+            files = [*(path.rglob("*") if path.is_dir() else [path]), digests_path(path)]
             total += sum(file.stat().st_size for file in files if file.is_file())
         return total
+
+
+def _videos_of(index: dict | None, part: str) -> str:
+    """The videos a damaged part held, from an intact index.json."""
+    if index is None:
+        return "its videos are unknown (index.json is missing or damaged too)"
+    videos = sorted(vid for rows in index["videos"].values() for vid, row in rows.items() if row["part"] == part)
+    return f"its videos: {', '.join(videos)}" if videos else "it held no videos"

@@ -37,18 +37,19 @@ def _count_partial(tables: dict[str, dict], videos: dict, stream: str) -> int:
                if row.get("partial") and row["video_id"] in videos and videos[row["video_id"]].part == part)
 
 
-def format_summary(summary: dict) -> str:
-    def size(n: float) -> str:
-        unit = 0
-        while n >= 1024 and unit < 4:
-            n, unit = n / 1024, unit + 1
-        return f"{n:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
+def human_bytes(n: float) -> str:
+    unit = 0
+    while n >= 1024 and unit < 4:
+        n, unit = n / 1024, unit + 1
+    return f"{n:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
 
+
+def format_summary(summary: dict) -> str:
     lines = [f"store      {summary['path']} ({summary['backend']}, created {summary['created']})",
-             f"parts      {summary['parts']}, {size(summary['disk_bytes'])} on disk"]
+             f"parts      {summary['parts']}, {human_bytes(summary['disk_bytes'])} on disk"]
     if summary["compression_ratio"]:
         lines.append(f"compression {summary['compression_ratio']:.2f}x vs raw stored dtype, "
-                     f"{summary['ratio_vs_float32']:.2f}x vs raw float32 ({size(summary['raw_bytes_float32'])})")
+                     f"{summary['ratio_vs_float32']:.2f}x vs raw float32 ({human_bytes(summary['raw_bytes_float32'])})")
     for stream, info in summary["streams"].items():
         features = info["provenance"]["features"]
         software = info["provenance"].get("software", {})
