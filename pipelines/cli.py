@@ -279,7 +279,8 @@ def train(store_path, manifest, head, config_file, assignments, out, resume, **o
 @click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True,
               help="best: the source-val selected epoch; checkpoint: the last finished epoch.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes streaming the features.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes streaming the features.")
 def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device, workers) -> None:
     """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run."""
     report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device, workers)

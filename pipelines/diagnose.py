@@ -158,7 +158,8 @@ def diagnose_run(run_dir: Path, store_path: Path, manifest: Path, source: str | 
 @click.option("--split", default="test", show_default=True, help="Split of both domains to measure.")
 @click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes reading the store (0: none).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes reading the store (0: none).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the post-hoc discriminator's split and init.")
 def diagnose(run_dir: Path, store_path: Path, manifest: Path, source: str | None, target: str | None, split: str,
              checkpoint: str, device: str, workers: int, seed: int) -> None:

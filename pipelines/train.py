@@ -116,6 +116,11 @@ def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict]:
         raise RunError(f"--setting {config.setting} needs --target DOMAIN")
     if not config.streams or len(set(config.streams)) != len(config.streams):
         raise RunError(f"--stream {','.join(config.streams)}: name each stream once, e.g. --stream rgb,flow")
+    if config.num_segments < 1 or config.workers < 0:
+        raise RunError(f"--segments {config.num_segments} / --workers {config.workers}: segments must be at least 1 "
+                       f"and workers at least 0")
+    if config.memory_budget_gb is not None and config.memory_budget_gb < 0:
+        raise RunError(f"--memory-budget-gb {config.memory_budget_gb}: must be at least 0")
     if config.fusion not in FUSIONS:
         raise RunError(f"--fusion {config.fusion!r}: use one of {', '.join(FUSIONS)}")
     chosen = heads.preset(config.preset, config.head, config.method) if config.preset else None
