@@ -4,7 +4,7 @@ An architecture is the model of a paper's table *row* (TemPooling, TemRelation, 
 knows nothing about domains or objectives: a method (``heads/method.py``) trains it. The named parts a method may
 use are
 
-- ``encode(x) -> Encoding``: per-segment frame features ``frames`` [B, N, frame_dim] and, where the architecture
+- ``encode(x, split) -> Encoding``: per-segment frame features ``frames`` [B, N, frame_dim] and, where the architecture
   has them, per-scale relation features ``relations`` [B, S, relation_dim] (TA3N's attention and relation
   discriminators read these);
 - ``aggregate(parts) -> z``: the video representation [B, video_dim] from ``Encoding.parts`` (the relations if
@@ -17,13 +17,14 @@ use are
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from heads.base import HeadError, HParam, Inputs
+from heads.base import HeadError, HParam
 
 
 @dataclass
@@ -78,8 +79,13 @@ class Architecture(nn.Module, abc.ABC):
         return frozenset({"encoder"})
 
     @abc.abstractmethod
-    def encode(self, x: Tensor) -> Encoding:
-        """Frame (and relation) features of a batch of cached features."""
+    def encode(self, x: Tensor, split: int | None = None) -> Encoding:
+        """Frame (and relation) features of a batch of cached features.
+
+        ``split``: the first ``split`` videos come from one domain and the rest from another (a method passing
+        [source; target] through one call says so), so that parts coupling the videos of a batch (STDN's
+        MixStyle) keep the domains apart; None: one domain.
+        """
 
     @abc.abstractmethod
     def aggregate(self, parts: Tensor) -> Tensor:
@@ -111,10 +117,11 @@ class Architecture(nn.Module, abc.ABC):
         return list(self.classifier.parameters())
 
     def new_classifier(self) -> nn.Module:
-        """A fresh ``Sequential(dropout, Linear)`` like ``self.classifier``, initialised the same way."""
-        dropout, linear = self.classifier
-        classifier = nn.Sequential(type(dropout)(dropout.p) if isinstance(dropout, nn.Dropout) else nn.Identity(),
-                                   nn.Linear(linear.in_features, linear.out_features))
+        """A fresh copy of ``self.classifier`` (same modules, new weights), initialised the same way."""
+        classifier = copy.deepcopy(self.classifier)
+        for layer in classifier.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()     # draws as constructing the layer does
         return self.init_classifier(classifier)
 
     def init_classifier(self, classifier: nn.Module) -> nn.Module:

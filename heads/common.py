@@ -1,7 +1,7 @@
-"""Building blocks shared by the heads: gradient reversal, MLPs, entropy and TRN relation tuples.
+"""Building blocks shared by the architectures and methods: gradient reversal, MLPs, entropy and TRN relation tuples.
 
-Nothing here knows about the Head interface; these are plain functions and modules that the paper files
-(`pooling.py`, `trn.py`, `ta3n.py`, ...) compose.
+Nothing here knows about the Architecture or Method interfaces; these are plain functions and modules that the
+paper files (`pooling.py`, `trn.py`, `ta3n.py`, ...) compose.
 """
 from __future__ import annotations
 

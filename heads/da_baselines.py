@@ -149,7 +149,7 @@ class JAN(Method):
                   progress: float) -> tuple[dict[str, Tensor], dict[str, float]]:
         """L_y + weight · JMMD², source and target through the model together."""
         tgt = require_target(self, tgt)
-        encoding = self.arch.encode(cat_inputs([src.x, tgt.x]))
+        encoding = self.arch.encode(cat_inputs([src.x, tgt.x]), split=len(src.y))
         video = self.arch.aggregate(encoding.parts)
         logits = self.arch.classify(video)
         terms = self.supervised_terms(encoding, logits, src.y)
@@ -243,7 +243,7 @@ class AdaBN(Method):
         """Refresh the target statistics with the target batch, then L_y on the source batch (source statistics)."""
         tgt = require_target(self, tgt)
         with torch.no_grad(), self.domain_statistics("target"):
-            self.arch.encode(tgt.x)
+            self.arch.features(tgt.x)     # the whole way to z: every BN layer before the classifier sees the target
         encoding = self.arch.encode(src.x)
         logits = self.arch.classify(self.arch.aggregate(encoding.parts))
         return self.supervised_terms(encoding, logits, src.y), {}

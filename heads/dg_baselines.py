@@ -165,6 +165,13 @@ class IRM(CountedMethod):
                            interval="[1, inf)"),
     }
 
+    def __init__(self, arch: Architecture, hparams: dict):
+        super().__init__(arch, hparams)
+        if hparams["batch_size"] < 2 * hparams["irm_envs"]:   # the split-half estimate needs 2 videos per chunk
+            raise HeadError(f"method 'irm': batch_size={hparams['batch_size']} gives environments of fewer than 2 "
+                            f"videos with irm_envs={hparams['irm_envs']}, whose penalty is 0; use batch_size >= "
+                            f"{2 * hparams['irm_envs']} or fewer irm_envs")
+
     def environments(self, src: LabelledBatch) -> list[Tensor]:
         """The indices of each environment's videos in the batch."""
         if src.env is not None:
@@ -246,8 +253,9 @@ class ADA(CountedMethod):
                             "Volpi et al. code, exp_configuration (gamma = 1.0)", interval="[0, inf)"),
         "ada_step": HParam(1.0, "η: step size of the gradient ascent", "Volpi et al. code, exp_configuration "
                            "(learning_rate_max = 1.0); APN §5.1 (η = 1)", interval="(0, inf)"),
-        "ada_max_videos": HParam(0, "source videos perturbed per max phase (the first the source iterator yields); "
-                                 "0 = all", "ours (memory bound)", interval="[0, inf)"),
+        "ada_max_videos": HParam(0, "source videos perturbed per max phase (the first the source iterator yields: "
+                                 "the trainer yields the source set in a seeded random order, so a uniform random "
+                                 "subset); 0 = all", "ours (memory bound)", interval="[0, inf)"),
     }
 
     def __init__(self, arch: Architecture, hparams: dict):

@@ -43,6 +43,7 @@ class LateFusion(Architecture):
         if not streams:
             raise HeadError("late fusion needs at least one stream")
         self.streams = nn.ModuleDict(streams)
+        self.feat_shape = {stream: arch.feat_shape for stream, arch in streams.items()}
         first = next(iter(streams.values()))
         self.input, self.num_classes, self.num_segments, self.hparams = (
             first.input, first.num_classes, first.num_segments, first.hparams)
@@ -55,11 +56,11 @@ class LateFusion(Architecture):
         """Each stream's share of the last axis of ``Encoding.parts``: relation features if any, else frames."""
         return [arch.relation_dim if self.relation_dim else arch.frame_dim for arch in self.streams.values()]
 
-    def encode(self, x: dict[str, Tensor]) -> Encoding:
+    def encode(self, x: dict[str, Tensor], split: int | None = None) -> Encoding:
         if not isinstance(x, dict) or set(x) != set(self.streams):
             got = sorted(x) if isinstance(x, dict) else "one tensor"
             raise HeadError(f"late fusion of streams {sorted(self.streams)} got inputs for {got}")
-        encodings = {stream: arch.encode(x[stream]) for stream, arch in self.streams.items()}
+        encodings = {stream: arch.encode(x[stream], split) for stream, arch in self.streams.items()}
         frames = torch.cat([e.frames for e in encodings.values()], dim=-1)
         relations = (torch.cat([e.relations for e in encodings.values()], dim=-1)
                      if self.relation_dim else None)

@@ -90,7 +90,7 @@ class TemPooling(Architecture):
         """G_tf and the width of the video feature it produces; subclasses swap in their own."""
         return TemporalMean(), self.frame_dim
 
-    def encode(self, x: Tensor) -> Encoding:
+    def encode(self, x: Tensor, split: int | None = None) -> Encoding:   # nothing couples the videos
         return Encoding(frames=self.frame_mlp(x))
 
     def aggregate(self, parts: Tensor) -> Tensor:

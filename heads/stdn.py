@@ -200,6 +200,17 @@ class TemporalRelations(nn.Module):
         return torch.stack(relations, dim=1)
 
 
+class ScaleSummedLinear(nn.Linear):
+    """The official code's Σ_m F(H^a_m(z̃_m)) for a linear F, from the summed input: W Σ_m x_m + S·b."""
+
+    def __init__(self, in_features: int, out_features: int, scales: int):
+        super().__init__(in_features, out_features)
+        self.scales = scales
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + (self.scales - 1) * self.bias
+
+
 class SqueezeExcite(nn.Module):
     """H^a_m of §3.4 (official ``Adapter``): g * sigmoid(W2 ReLU(W1 g)), without biases."""
 
@@ -357,8 +368,12 @@ class STDN(Architecture):
         else:
             self.video_dim = self.frame_dim
             dropout = nn.Dropout(h["dropout"])
-        # The official code applies this classifier (F) to each scale and sums the logits (``class_logits``).
-        self.classifier = nn.Sequential(dropout, nn.Linear(self.video_dim, num_classes))
+        # The official code applies this classifier (F) to each scale and sums the logits: by linearity, F of the
+        # sum with F's bias once per scale (``ScaleSummedLinear``).
+        per_scale = self.temporal is not None and h["tuple_reduction"] == "official"
+        linear = ScaleSummedLinear(self.video_dim, num_classes, self.num_scales) if per_scale else nn.Linear(
+            self.video_dim, num_classes)
+        self.classifier = nn.Sequential(dropout, linear)
 
     def _check_components(self) -> None:
         h = self.hparams
@@ -378,19 +393,21 @@ class STDN(Architecture):
         return frozenset({"relations"} if hparams["temporal_relations"] else set()) | (
             {"encoder"} if trainable else set())
 
-    def encode(self, x: Tensor) -> Encoding:
+    def encode(self, x: Tensor, split: int | None = None) -> Encoding:
         """Maps [B, N, H, W, C] (channels last, as cached) -> frames ẑ [B, N, frame_dim], relations z̃ [B, N-1, Dt].
 
         With per-scale module copies each temporal scale reads its own copy's frame features; ``frames`` is
         then their mean over the copies (what a method's frame-level part reads). ``extras["log_assignments"]``
-        holds one [B·N, HW, K] per SGM copy (empty without grouping).
+        holds one [B·N, HW, K] per SGM copy (empty without grouping). MixStyle mixes within each domain of
+        ``split`` (a DA method's [source; target]): across them it would be a cross-domain augmentation that only
+        the methods passing both domains together would get.
         """
         if x.dim() != 5 or x.shape[1] != self.num_segments or tuple(x.shape[2:]) != self.feat_shape:
             expected = (self.num_segments, *self.feat_shape)
             raise HeadError(f"architecture '{self.name}' expects maps [B, N, H, W, C] with (N, H, W, C) = "
                             f"{expected}, got {tuple(x.shape)}")
         if self.mixstyle is not None:
-            x = self.mixstyle(x)
+            x = torch.cat([self.mixstyle(part) for part in (x.tensor_split([split]) if split else (x,)) if len(part)])
         batch, segments = x.shape[:2]
         maps = x.flatten(0, 1).permute(0, 3, 1, 2)                      # channels first for the convs
         draw = self.training or self.hparams["eval_tuples"] == "random"
@@ -411,13 +428,6 @@ class STDN(Architecture):
         if self.modulators is None:
             return parts.sum(dim=1)
         return sum(modulate(parts[:, i]) for i, modulate in enumerate(self.modulators))
-
-    def class_logits(self, dropped: Tensor) -> Tensor:
-        """F(ž); with ``tuple_reduction=official`` the code's Σ_m F(H^a_m(z̃_m)), i.e. F's bias once per scale."""
-        logits = self.classifier[1](dropped)
-        if self.temporal is not None and self.hparams["tuple_reduction"] == "official":
-            logits = logits + (self.num_scales - 1) * self.classifier[1].bias
-        return logits
 
     def aux_losses(self, encoding: Encoding, labels: Tensor) -> dict[str, Tensor]:
         """``loss_grouping`` = λ_ent (L_emin + L_emax) (eq. 3-4) over every encoded video, as they need no labels;

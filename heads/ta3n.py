@@ -137,6 +137,10 @@ class TA2N(Method):
     def __init__(self, arch: Architecture, hparams: dict):
         super().__init__(arch, hparams)
         levels = self.hparams["discriminators"]
+        explicit = levels != type(self).HPARAMS["discriminators"].default
+        if "relation" in levels and not arch.relation_dim and explicit:
+            raise HeadError(f"method '{self.name}': discriminators={list(levels)} asks for relation discriminators, "
+                            f"but this architecture has no relation features; use e.g. trn, or frame/video only")
         self.discriminators = nn.ModuleDict()
         if "frame" in levels:
             self.discriminators["frame"] = DomainDiscriminator(arch.frame_dim)                     # Ĝsd
@@ -145,6 +149,9 @@ class TA2N(Method):
                 DomainDiscriminator(arch.relation_dim) for _ in range(arch.num_scales))
         if "video" in levels:
             self.discriminators["video"] = DomainDiscriminator(arch.video_dim)                     # Ĝtd
+        if not self.discriminators:     # an adversarial method without a discriminator would silently be ERM
+            raise HeadError(f"method '{self.name}': discriminators={list(levels)} builds no discriminator; choose "
+                            f"among {', '.join(LEVELS)}")
         init_std = self.hparams.get("init_std", 0.0)    # the architecture's, where it declares one
         if init_std > 0:   # as the official code: frame and video discriminators only
             for level in ("frame", "video"):
@@ -157,10 +164,11 @@ class TA2N(Method):
         return {level: grl_coefficient(h[f"lambda_{key}"], h["grl_schedule"], progress)
                 for level, key in zip(LEVELS, "srt")}
 
-    def run(self, x: Inputs, coefficients: dict[str, float] | None = None) -> Outputs:
-        """One pass; ``coefficients`` are the GRL's (None in evaluation: nothing flows back)."""
+    def run(self, x: Inputs, coefficients: dict[str, float] | None = None, split: int | None = None) -> Outputs:
+        """One pass; ``coefficients`` are the GRL's (None in evaluation: nothing flows back); ``split``: the
+        number of source videos in front of the target ones (``Architecture.encode``)."""
         coefficient = coefficients or dict.fromkeys(LEVELS, 0.0)
-        encoding = self.arch.encode(x)
+        encoding = self.arch.encode(x, split)
         domain = {}
         if "frame" in self.discriminators:
             domain["frame"] = self.discriminators["frame"](encoding.frames, coefficient["frame"])     # eq. 2
@@ -196,7 +204,7 @@ class TA2N(Method):
         """Eq. 10 over the source and target batches, passed through the model together."""
         tgt = require_target(self, tgt)
         coefficients = self.grl_coefficients(progress)
-        out = self.run(cat_inputs([src.x, tgt.x]), coefficients)
+        out = self.run(cat_inputs([src.x, tgt.x]), coefficients, split=len(src.y))
         logs = {f"grl_{level}": coefficients[level] for level in out.domain}
         if out.attention is not None:
             logs["attention"] = out.attention.mean().item()

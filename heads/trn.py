@@ -91,7 +91,7 @@ class TemRelation(TemPooling):
                                        h["tuples"])
         return relations, h["relation_dim"]
 
-    def encode(self, x: Tensor) -> Encoding:
+    def encode(self, x: Tensor, split: int | None = None) -> Encoding:
         frames = self.frame_mlp(x)
         return Encoding(frames=frames, relations=self.temporal(frames))
 

@@ -131,10 +131,10 @@ class FeatureSet:
                                                                          steps=steps, stream=stream)).float()
                                 for stream in self.streams}, self.fusion)
 
-    def eval_plans(self, num_segments: int, batch_size: int) -> list[BatchPlan]:
-        """Every video once, in order, at its segment centres."""
-        order = np.arange(len(self))
-        steps = np.stack([centre_steps(n, num_segments) for n in self.n_steps])
+    def eval_plans(self, num_segments: int, batch_size: int, order: np.ndarray | None = None) -> list[BatchPlan]:
+        """Every video once, at its segment centres: in order, or in ``order`` (a permutation of the videos)."""
+        order = np.arange(len(self)) if order is None else order
+        steps = np.stack([centre_steps(self.n_steps[v], num_segments) for v in order])
         return [BatchPlan(order[i:i + batch_size], steps[i:i + batch_size]) for i in range(0, len(self), batch_size)]
 
     def epoch_plans(self, num_segments: int, batch_size: int, num_batches: int, sampling: str,

@@ -88,7 +88,8 @@ def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: 
     weights = run_dir / f"{checkpoint}.pt"
     if not weights.is_file():
         raise RunError(f"{weights} not found; use --checkpoint best or checkpoint (the last finished epoch)")
-    model.load_state_dict(safe_load(weights, map_location=torch_device)["model"])
+    # read onto the CPU: load_state_dict copies into the model's device, and a method's added examples stay there
+    model.load_state_dict(safe_load(weights)["model"])
     return LoadedRun(record, store, model, torch_device)
 
 

@@ -37,7 +37,7 @@ import heads
 from extract.backbones import safe_load
 from extract.manifest import file_sha256
 from extract.provenance import software_versions
-from heads.base import LabelledBatch, UnlabelledBatch, batch_size, cat_inputs, map_inputs
+from heads.base import LabelledBatch, UnlabelledBatch, cat_inputs, map_inputs
 from heads.method import Method, lookup, missing_parts, PART_NAMES
 from pipelines.data import FUSIONS, TRAIN_SAMPLINGS, FeatureSet, iterate, place_features, target_batch_size
 from pipelines.evaluate import accuracy_report, predict
@@ -50,6 +50,7 @@ SETTINGS = ("dg", "da", "target-only")
 RESULT_FIELDS = ("head", "method", "source", "target", "setting", "seed", "num_segments", "train_sampling",
                  "eval_split", "skip_missing", "streams", "fusion")
 FALLBACK_BUDGET_GB = 2.0  # in-memory budget where the OS does not report free memory
+BEFORE_EPOCH_SEED = 7_919_000  # offsets the seed of before_epoch's order from the epoch's batch plans
 
 
 @dataclass
@@ -186,7 +187,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         started = time.perf_counter()
         model.train()
         record = {"epoch": epoch + 1,
-                  **model.before_epoch(lambda: _training_batches(inputs.source_train, config, hp, device),
+                  **model.before_epoch(lambda: _training_batches(inputs.source_train, config, epoch, hp, device),
                                        epoch / hp["epochs"])}
         record.update(_train_epoch(model, inputs, config, epoch, device, show_progress))
         record.update(_evaluate_epoch(model, inputs, config, device))
@@ -202,11 +203,14 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     return _write_metrics(out, history, config)
 
 
-def _training_batches(features: FeatureSet, config: TrainConfig, hp: dict,
+def _training_batches(features: FeatureSet, config: TrainConfig, epoch: int, hp: dict,
                       device: torch.device) -> Iterator[LabelledBatch]:
-    """The training set once, in order, at segment centres: what ``before_epoch`` sees (ADA's max phase)."""
-    for plan, x in iterate(features, features.eval_plans(config.num_segments, hp["batch_size"]), config.workers,
-                           device):
+    """The training set once, at segment centres, in a seeded random order: what ``before_epoch`` sees (ADA's
+    max phase), so a method that stops early (``ada_max_videos``) takes a uniform random subset, not a class."""
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(
+        config.seed * 100_003 + epoch + BEFORE_EPOCH_SEED)).numpy()
+    plans = features.eval_plans(config.num_segments, hp["batch_size"], order)
+    for plan, x in iterate(features, plans, config.workers, device):
         yield LabelledBatch(x, features.labels[plan.videos].to(device))
 
 
@@ -214,10 +218,8 @@ def _train_epoch(model: Method, inputs: RunInputs, config: TrainConfig, epoch: i
                  show_progress: bool) -> dict[str, float]:
     """One pass over the training set (and the examples the method added), one ``update`` per batch."""
     hp = model.hparams
-    extra = model.extra_examples()
+    extra = model.extra_examples()     # kept where the method holds them (CPU): only a batch's rows move
     n_extra = len(extra[1]) if extra is not None else 0
-    if extra is not None:
-        extra = (map_inputs(lambda x: x.to(device), extra[0]), extra[1].to(device))
     source = inputs.source_train
     batches = math.ceil((len(source) + n_extra) / hp["batch_size"])
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # same plans on resume
@@ -239,8 +241,9 @@ def _train_epoch(model: Method, inputs: RunInputs, config: TrainConfig, epoch: i
         target = UnlabelledBatch(target_item[1]) if target_item is not None else None
         parts = [(x_source, source.labels[plan.videos].to(device))] if len(plan.videos) else []
         if len(plan.extra):
-            index = torch.from_numpy(plan.extra).to(device)
-            parts.append((map_inputs(lambda x: x[index], extra[0]), extra[1][index]))
+            index = torch.from_numpy(plan.extra)
+            parts.append((map_inputs(lambda x: x[index.to(x.device)].to(device), extra[0]),
+                          extra[1][index.to(extra[1].device)].to(device)))
         batch = LabelledBatch(cat_inputs([x for x, _ in parts]), torch.cat([y for _, y in parts]))
         progress = (epoch * batches + step) / (hp["epochs"] * batches)
         logs = model.update(batch, target, progress)

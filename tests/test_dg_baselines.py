@@ -95,12 +95,17 @@ def test_irm_penalty_is_the_product_of_the_split_half_scale_gradients():
 
 
 def test_irm_environments_are_the_batch_env_ids_or_random_equal_chunks():
-    method = tiny("tempooling", "irm", irm_envs=3)
+    method = tiny("tempooling", "irm", irm_envs=3, batch_size=6)
     batch = videos(6, seed=0)
     chunks = method.environments(batch)
     assert [len(c) for c in chunks] == [2, 2, 2] and sorted(torch.cat(chunks).tolist()) == list(range(6))
     with_env = LabelledBatch(batch.x, batch.y, env=torch.tensor([1, 0, 1, 1, 0, 0]))
     assert [c.tolist() for c in method.environments(with_env)] == [[1, 4, 5], [0, 2, 3]]
+
+
+def test_irm_refuses_environments_too_small_for_a_penalty():
+    with pytest.raises(HeadError, match="environments of fewer than 2 videos with irm_envs=3"):
+        tiny("tempooling", "irm", irm_envs=3, batch_size=5)
 
 
 def test_irm_anneals_lambda_and_resets_the_optimizer_when_it_switches():

@@ -2,8 +2,6 @@
 two, evaluates, saves and resumes exactly; every pair it refuses fails with an error naming what is missing."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -13,9 +11,11 @@ from heads.method import hparam_specs, lookup, missing_parts
 
 NUM_CLASSES, NUM_SEGMENTS = 3, 4
 FEAT_SHAPE = {"pooled": (8,), "maps": (2, 2, 8)}
-# narrow layers for every architecture family; each pair takes the names it has
+# narrow layers for every architecture family, and schedules short enough that 3 updates reach every code path
+# (ADA's and M-ADA's max phases and meta-updates, IRM's switch to its full penalty); each pair takes its names
 SMALL = {"frame_dim": 16, "relation_dim": 16, "init_std": 0.0, "anchor_hidden": 8, "spatial_dim": 8,
-         "temporal_dim": 8, "se_hidden": 4, "relation_hidden": 8, "batch_size": 6}
+         "temporal_dim": 8, "se_hidden": 4, "relation_hidden": 8, "batch_size": 6,
+         "ada_min_updates": 1, "ada_max_steps": 1, "mada_wae_epochs": 1, "irm_anneal_updates": 1}
 
 PAIRS = [(arch, method) for arch, arch_cls in heads.architectures().items()
          for method, method_cls in heads.methods().items()]

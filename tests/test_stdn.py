@@ -276,13 +276,20 @@ def test_official_reduction_reproduces_the_official_forward_pass(name):
         relations_mean, relations = mean.encode(x).relations, official.encode(x).relations
         # N = 3, 3 tuples per scale: 3 of the 3 pairs summed, the one triple x 3
         assert torch.allclose(relations, 3 * relations_mean, atol=1e-6)
-        linear = official.classifier[1]
+        weight, bias = official.classifier[1].weight, official.classifier[1].bias
+
+        def f(z):                                                            # the code's F: one Linear
+            return z @ weight.T + bias
+
         modulate = official.modulators or [nn.Identity()] * official.num_scales
-        code = sum(linear(modulate[i](relations[:, i])) for i in range(official.num_scales))   # Σ_s F(H^a_s(g_s))
+        code = sum(f(modulate[i](relations[:, i])) for i in range(official.num_scales))        # Σ_s F(H^a_s(g_s))
         logits = official.classify(official.aggregate(relations))
         assert torch.allclose(logits, code, atol=1e-5)
-        extra_bias = (official.num_scales - 1) * linear.bias                 # F's bias once per scale
-        assert torch.allclose(logits - linear(official.aggregate(relations)), extra_bias.expand_as(logits))
+        extra_bias = (official.num_scales - 1) * bias                        # F's bias once per scale
+        assert torch.allclose(logits - f(official.aggregate(relations)), extra_bias.expand_as(logits), atol=1e-6)
+        second = official.new_classifier()                                   # MCD's F2: the same form
+        second.load_state_dict(official.classifier.state_dict())
+        assert torch.allclose(second(official.aggregate(relations)), logits, atol=1e-6)
         assert not torch.allclose(logits, 3 * mean.classify(mean.aggregate(relations_mean)), atol=1e-3)
 
 
@@ -613,3 +620,19 @@ def test_trains_with_setting_dg_from_a_maps_store(tmp_path, name):
     measures = diagnose_run(tmp_path / "run", store, manifest, workers=0)["head_measures"]["target"]
     assert math.isfinite(measures["kmeans_db_index"])                   # Fig. 5's reference, for the baseline too
     assert ("group_db_index" in measures) == (name == "stdn")
+
+
+@pytest.mark.parametrize("pairing", ["random", "crosshalf"])
+def test_mixstyle_keeps_the_domains_of_a_da_batch_apart(pairing):
+    """A DA method passes [source; target] with split=len(source): source videos are never restyled by target ones."""
+    model = stdn("stdn-mixstyle", mixstyle_p=1.0, mixstyle_pairing=pairing).arch.train()
+    source, _ = prototype_videos(4, seed=0)
+    outputs = []
+    for target_seed in (1, 2):
+        target, _ = prototype_videos(4, seed=target_seed)
+        torch.manual_seed(0)
+        outputs.append(model.encode(torch.cat([source, 10 * target]), split=4).frames[:4])
+    assert torch.equal(outputs[0], outputs[1])          # another target batch leaves the source features alone
+    torch.manual_seed(0)
+    joint = model.encode(torch.cat([source, 10 * target]), split=None).frames[:4]
+    assert not torch.allclose(joint, outputs[1])       # without the split, the target's styles leak in

@@ -204,7 +204,11 @@ def test_ta3n_refuses_to_attend_without_the_discriminator_it_reads():
     with pytest.raises(HeadError, match="attention needs the relation discriminator"):
         small_model(discriminators=["frame", "video"])
     with pytest.raises(HeadError, match="attention needs the frame discriminator"):
+        small_model(arch="tempooling", discriminators=["video"])
+    with pytest.raises(HeadError, match="asks for relation discriminators, but this architecture has no relation"):
         small_model(arch="tempooling", discriminators=["relation", "video"])
+    with pytest.raises(HeadError, match="builds no discriminator"):
+        small_model("ta2n", discriminators=[])
     with pytest.raises(HeadError, match="entropy_weight_from needs the frame discriminator"):
         small_model(discriminators=["relation", "video"], entropy_weight_from="frame")
     with pytest.raises(HeadError, match="'global'"):

@@ -209,8 +209,13 @@ def test_head_help_prints_architectures_methods_and_the_matrix():
     assert "architectures (--head" in out and "methods (--method" in out and "which method runs on" in out
     matrix = out.split("which method runs on which architecture")[1].split("presets")[0].splitlines()[1:]
     header = matrix[0].split()
-    pooling_row = next(line for line in matrix if line.split()[0] == "tempooling").split()[1:]
-    assert dict(zip(header, pooling_row))["erm"] == "x"
+    printed = {row.split()[0]: dict(zip(header, row.split()[1:])) for row in matrix[1:]}
+    expected = {arch: {method: "." if heads_method.missing_parts(arch_cls, method_cls) else "x"
+                       for method, method_cls in heads_method.methods().items()}
+                for arch, arch_cls in heads_method.architectures().items()}
+    assert printed == expected
+    assert printed["tempooling"]["erm"] == "x" and printed["tsn-maps"]["mcd"] == "."
+    assert "ta3n-official-u2h" in out and "sets train_sampling=centre" in out
 
 
 # ------------------------------------------------------------------------------------------ the papers' pairs
