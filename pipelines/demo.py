@@ -28,6 +28,13 @@ from pipelines.train import RunMismatch, TrainConfig, train
 # these for the demo with a preset named "demo" (applied on top).
 DEMO_OVERRIDES = {"epochs": 20, "batch_size": 8, "lr": 0.003, "init_std": 0.0}
 
+# The demo's source and target. The source carries the colour cue (the first domain does). The direction matters:
+# with random-init ResNet-18 features the studio domain's motion can be learned from its own labels (STDN
+# target-only: 0.62 on studio test, 20 epochs), the outdoor domain's (stripes, camera shake, noise) cannot (0.17,
+# chance, with STDN, TRN or TemPooling at up to 60 epochs), so only outdoor -> studio shows a gap that is real
+# and learnable.
+DEMO_DOMAINS = ("outdoor", "studio")
+
 # (architecture, method, setting): ERM on every architecture, source-only and target-only to frame the table, and
 # every other method on the architecture its paper's table pairs it with.
 DEMO_RUNS: tuple[tuple[str, str, str], ...] = (
@@ -37,7 +44,7 @@ DEMO_RUNS: tuple[tuple[str, str, str], ...] = (
     ("trn", "ta2n", "da"), ("trn", "ta3n", "da"), ("tempooling", "ta3n", "da"),
     ("trn", "mixup", "dg"), ("trn", "irm", "dg"), ("trn", "ada", "dg"), ("trn", "m-ada", "dg"), ("trn", "cop", "dg"),
     ("tsn-maps", "erm", "dg"), ("stdn-sgm", "erm", "dg"), ("stdn-trm", "erm", "dg"), ("stdn-strm", "erm", "dg"),
-    ("stdn-mixstyle", "erm", "dg"), ("stdn", "erm", "dg"),
+    ("stdn-mixstyle", "erm", "dg"), ("stdn", "erm", "dg"), ("stdn", "erm", "target-only"),
 )
 
 
@@ -74,7 +81,7 @@ def demo_runs(arch_names: tuple[str, ...] = (), method_names: tuple[str, ...] = 
 
 def run_demo(config: DemoConfig, echo=print) -> list[dict]:
     out = Path(config.out)
-    synth = SynthConfig(seed=config.seed, videos_per_class=config.videos_per_class)
+    synth = SynthConfig(seed=config.seed, videos_per_class=config.videos_per_class, domains=DEMO_DOMAINS)
     manifest = out / "data" / "manifest.csv"
     if not manifest.is_file():
         generate(out / "data", synth)
