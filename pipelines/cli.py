@@ -16,7 +16,7 @@ from extract.store import FeatureStore, StoreError
 from extract.store.summary import format_summary, store_summary
 from extract.synth import SynthConfig, describe, generate
 import heads
-from heads.method import missing_parts, registered_presets
+from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
@@ -148,19 +148,33 @@ def parse_overrides(config_file: Path | None, assignments: tuple[str, ...]) -> d
     return overrides
 
 
+def parts_column(method_cls) -> str:
+    """What a method needs, and what it uses where present: "encoder", "- (uses pyramid)"."""
+    needs = "+".join(sorted(method_cls.needs)) or "-"
+    return f"{needs} (uses {'+'.join(sorted(method_cls.uses))})" if method_cls.uses else needs
+
+
+def matrix_cell(arch_cls, method_cls) -> str:
+    """x: the pair runs; ~: it runs with a fallback for a part the method uses where present; .: refused."""
+    if missing_parts(arch_cls, method_cls):
+        return "."
+    return "~" if fallback_parts(arch_cls, method_cls) else "x"
+
+
 def list_models() -> str:
     """The architectures, the methods and the matrix of which method runs on which architecture."""
     archs, registered = heads.architectures(), heads.methods()
     lines = ["architectures (--head; name, input, summary):"]
     lines += [f"  {name:14} {cls.input:6} {cls.summary}" for name, cls in archs.items()]
     lines.append("methods (--method; name, settings, needs, summary):")
-    lines += [f"  {name:8} {'/'.join(sorted(cls.settings)):5} {'+'.join(sorted(cls.needs)) or '-':10} {cls.summary}"
+    lines += [f"  {name:9} {'/'.join(sorted(cls.settings)):5} {parts_column(cls):10} {cls.summary}"
               for name, cls in registered.items()]
     width = max(map(len, archs))
-    lines.append("which method runs on which architecture (x: yes; .: lacks a part the method needs):")
+    lines.append("which method runs on which architecture (x: yes; ~: yes, without a part it uses where present "
+                 "(see the method); .: lacks a part the method needs):")
     lines.append(" " * (width + 2) + " ".join(f"{name:>6}" for name in registered))
     for arch_name, arch_cls in archs.items():
-        cells = [f"{'x' if not missing_parts(arch_cls, method_cls) else '.':>6}" for method_cls in registered.values()]
+        cells = [f"{matrix_cell(arch_cls, method_cls):>6}" for method_cls in registered.values()]
         lines.append(f"  {arch_name:{width}} " + " ".join(cells))
     lines.append("presets (--preset NAME; which methods on which architectures):")
     for entry in registered_presets():
