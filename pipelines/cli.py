@@ -20,7 +20,7 @@ from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
-from pipelines.evaluate import evaluate_run
+from pipelines.evaluate import ENSEMBLE_RULES, evaluate_ensemble, evaluate_run
 from pipelines.train import TrainConfig, train as run_training
 
 INPUT_ERRORS = (ManifestError, StoreError, ValueError, FileNotFoundError, KeyError)  # RunError, HeadError: ValueError
@@ -238,21 +238,41 @@ def train(store_path, manifest, head, config_file, assignments, out, resume, **o
 
 
 @main.command(name="eval")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--domain", required=True)
 @click.option("--split", default="test", show_default=True)
 @click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True,
               help="best: the source-val selected epoch; checkpoint: the last finished epoch.")
+@click.option("--ensemble", is_flag=True, help="Combine the predictions of several runs (APN's gamma ensemble).")
+@click.option("--rule", type=click.Choice(ENSEMBLE_RULES), default="mean", show_default=True,
+              help="Ensemble: mean of the softmax probabilities, or per video the most confident run's.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Ensemble: directory for ensemble-<domain>-<split>.* (required with --ensemble).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, help="DataLoader processes streaming the features.")
-def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device, workers) -> None:
-    """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run."""
+def evaluate(run_dirs, store_path, manifest, domain, split, checkpoint, ensemble, rule, out, device,
+             workers) -> None:
+    """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run, or with
+    --ensemble of several runs combined (in --out)."""
+    if ensemble:
+        if out is None:
+            raise click.UsageError("--ensemble writes its report to --out DIR; give one")
+        report = evaluate_ensemble(list(run_dirs), store_path, manifest, domain, split, out, checkpoint, device,
+                                   workers, rule)
+        for member in report["members"]:
+            click.echo(f"  {member['run']}: top-1 {member['accuracy']:.4f}")
+        click.echo(f"{domain}/{split}: ensemble of {len(run_dirs)} runs ({rule}), {report['videos']} videos, top-1 "
+                   f"{report['accuracy']:.4f}, mean class accuracy {report['mean_class_accuracy']:.4f}; wrote "
+                   f"{out}/ensemble-{domain}-{split}.*")
+        return
+    if len(run_dirs) != 1:
+        raise click.UsageError(f"got {len(run_dirs)} run dirs: evaluate one, or combine several with --ensemble")
+    (run_dir,) = run_dirs
     report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device, workers)
     click.echo(f"{domain}/{split}: {report['videos']} videos, top-1 {report['accuracy']:.4f}, "
                f"mean class accuracy {report['mean_class_accuracy']:.4f}; wrote {run_dir}/eval-{domain}-{split}.*")
-
 
 
 @main.command()
