@@ -28,9 +28,10 @@ choice and deviation from the paper and ``thuml/VideoDG`` is in README.md ("APN"
 """
 from __future__ import annotations
 
-import itertools
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,7 @@ class RelationalPyramid(nn.Module):
         make_windows = consecutive_windows if hparams["local_windows"] == "consecutive" else ordered_tuples
         self.windows = {m: make_windows(num_segments, m) for m in self.scales}
         self.eval_random = hparams["eval_local"] == "random"
+        self.held: dict[int, list[tuple[int, ...]]] | None = None      # set by :func:`hold_local_draws`
         if hparams["attention_shared"]:
             shared = AttentionBlock(dim, hparams)
             self.global_block, self.local_blocks, self.cross_blocks = shared, [shared] * len(self.scales), \
@@ -242,6 +244,8 @@ class RelationalPyramid(nn.Module):
 
     def windows_for(self, size: int) -> list[tuple[int, ...]]:
         """The windows of ``size`` segments this pass uses: one drawn at random, or all (evaluation's expectation)."""
+        if self.held is not None:
+            return self.held[size]
         candidates = self.windows[size]
         if self.training or self.eval_random:
             return [candidates[torch.randint(len(candidates), ()).item()]]
@@ -262,6 +266,21 @@ class RelationalPyramid(nn.Module):
             cross = cross_block(queries, local).view(b, len(index), m_total, dim)           # R^II_m, eq. 6
             rows.append(cross.mean(dim=1))                                                  # E over windows
         return torch.stack(rows, dim=1)
+
+
+@contextmanager
+def hold_local_draws(module: nn.Module) -> Iterator[None]:
+    """Within it, every pyramid in ``module`` uses one window per scale, drawn on entry (as a training pass draws),
+    whatever its mode: video ADA's ascent sees one sub-network throughout, so c(R, R_0) vanishes at X' = X."""
+    pyramids = [m for m in module.modules() if isinstance(m, RelationalPyramid)]
+    for pyramid in pyramids:
+        pyramid.held = {size: [pyramid.windows[size][torch.randint(len(pyramid.windows[size]), ()).item()]]
+                        for size in pyramid.scales}
+    try:
+        yield
+    finally:
+        for pyramid in pyramids:
+            pyramid.held = None
 
 
 def pyramid_levels(arch: Architecture, parts: Tensor) -> dict[str, Tensor]:
@@ -421,10 +440,12 @@ class VideoADA(Method):
     every trainable layer then sees the copies, and the method runs unchanged on every architecture. Without a
     pyramid (``tempooling``, ``trn``, ``trn-attn``, STDN) every level is the video representation z (Volpi's last
     hidden layer; APN Table 2's "ADA", here on-line), so the copies would repeat each other: one copy is made.
-    Each video's objective is its own (summed over the batch), so the copies ascend together in one batch; in
-    ``eval`` mode (default) without dropout and with the architecture's deterministic evaluation (APN: every local
-    window), so c vanishes at X' = X and the anchors R_0 are computed once, at the θ of the ascent. ``train`` mode
-    is the code's: dropout and local draws at every pass, the anchors re-computed at every step.
+    Each video's objective is its own (summed over the batch), so the copies ascend together in one batch. In
+    ``fixed`` mode (default) the ascent runs without dropout and with one draw of APN's local windows held for all
+    its passes (:func:`hold_local_draws`; other architectures run as in evaluation), so the ascent sees one
+    sub-network, c vanishes at X' = X and the anchors R_0 are computed once, at the θ of the ascent (after line 5's
+    step; Algorithm 1 takes them from line 4's pass, with dropout, where c would not vanish at X' = X). ``train``
+    mode is the code's: dropout and local draws at every pass, the anchors re-computed at every step.
     """
 
     name = "video-ada"
@@ -437,16 +458,17 @@ class VideoADA(Method):
                                    choices=("global", "level2", "level3")),
         "video_ada_steps": HParam(5, "T_max: ascent steps per copy and mini-batch",
                                   "APN §5.1 (T_max = 5); code main_val.py (range(5))", interval="[1, inf)"),
-        "video_ada_step": HParam(1e4, "η: step of the ascent on the cached features (APN's η = 1 is on pixels; "
-                                 "calibrated on features: README, APN)", "ours (benchmarks/apn.py --calibrate)",
+        "video_ada_step": HParam(1.0, "η: step of the ascent on the cached features (APN's η = 1 is on pixels); "
+                                 "re-calibrated on features: the copies move ~2% of the feature norm (README, APN)",
+                                 "ours (benchmarks/apn.py --calibrate); APN §5.1 (η = 1 on pixels)",
                                  interval="(0, inf)"),
         "video_ada_gamma": HParam(0.01, "γ: weight of the transport cost c (the MSE) in eq. 8-9; §5.1 ensembles "
                                   "γ in {0.001, 0.01, 0.1, 1}", "APN code, train.sh (--alpha 0.01)",
                                   interval="[0, inf)"),
-        "video_ada_mode": HParam("eval", "eval: ascend without dropout, with the architecture's deterministic "
-                                 "evaluation, anchors once; train: dropout and random draws at every pass, anchors "
-                                 "at every step (the code)", "ours; code main_val.py L68-80",
-                                 choices=("eval", "train")),
+        "video_ada_mode": HParam("fixed", "fixed: ascend without dropout, APN's local windows drawn once per "
+                                 "mini-batch and held (other architectures as in evaluation), anchors once; train: "
+                                 "dropout and local draws at every pass, anchors at every step (the code)",
+                                 "ours; code main_val.py L68-80", choices=("fixed", "train")),
         "video_ada_update": HParam("algorithm", "algorithm: the steps of lines 5, 13 and 14, each copy on its "
                                    "level's logits; joint: one step on the level-III CE of the source and the "
                                    "copies together (the code)", "APN Algorithm 1; code main_val.py L93-103",
@@ -487,16 +509,18 @@ class VideoADA(Method):
                 per_level = self.level_features(self.arch.encode(src.x))
             return torch.cat([per_level[level] for level in levels])
 
-        was_training = self.arch.training
-        self.arch.train(h["video_ada_mode"] == "train")
-        anchor = anchors()
-        moved = start
-        for step in range(h["video_ada_steps"]):
-            if step and h["video_ada_mode"] == "train":
-                anchor = anchors()
-            moved = ascend(moved, lambda x_adv: self.ascent_objective(x_adv, anchor, y, levels), h["video_ada_step"])
-        with torch.no_grad():
-            cost = transport_cost(self.copy_features(moved, levels), anchor).view(count, -1).mean(dim=1)
+        was_training, fixed = self.arch.training, h["video_ada_mode"] == "fixed"
+        self.arch.train(not fixed)
+        with hold_local_draws(self.arch) if fixed else nullcontext():
+            anchor = anchors()
+            moved = start
+            for step in range(h["video_ada_steps"]):
+                if step and not fixed:
+                    anchor = anchors()
+                moved = ascend(moved, lambda x_adv: self.ascent_objective(x_adv, anchor, y, levels),
+                               h["video_ada_step"])
+            with torch.no_grad():
+                cost = transport_cost(self.copy_features(moved, levels), anchor).view(count, -1).mean(dim=1)
         self.arch.train(was_training)
         size = len(src.y)
         copies = [take(moved, slice(i * size, (i + 1) * size)) for i in range(count)]

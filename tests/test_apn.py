@@ -15,8 +15,8 @@ from torch import nn
 import heads
 from conftest import make_feature_store
 from heads import HeadError, LabelledBatch
-from heads.apn import (AttentionBlock, MultiHeadAttention, attention_weights, consecutive_windows, pyramid_levels,
-                       relative_shift, transport_cost)
+from heads.apn import (AttentionBlock, MultiHeadAttention, attention_weights, consecutive_windows, hold_local_draws,
+                       pyramid_levels, relative_shift, transport_cost)
 from heads.common import ordered_tuples
 from heads.dg_baselines import ascend
 from heads.method import hparam_specs, lookup, resolve_hparams
@@ -256,13 +256,34 @@ def test_first_ascent_step_follows_the_gradient_of_eq8():
 def test_copies_ascend_together_as_they_would_apart():
     model = tiny(segments=4, method="video-ada", video_ada_step=0.1)
     src = videos()
+    torch.manual_seed(2)
     copies, logs = model.adversarial_copies(src)
     assert model.levels == ("level2", "level3") and len(copies) == 2
     for level, copy in zip(model.levels, copies):
         alone = tiny(segments=4, method="video-ada", video_ada_step=0.1, video_ada_levels=[level])
+        torch.manual_seed(2)                                                     # the same held windows
         assert torch.allclose(alone.adversarial_copies(src)[0][0], copy, atol=1e-5)
         assert logs[f"video_ada_shift_{level}"] == pytest.approx(relative_shift(copy, src.x).mean().item(), rel=1e-5)
     assert model.arch.training                                                   # the ascent restores the mode
+
+
+def test_the_ascent_holds_one_draw_of_local_windows_without_dropout():
+    model = tiny(segments=5, method="video-ada", dropout_frame=0.5)
+    pyramid = model.arch.pyramid
+    with hold_local_draws(model.arch):
+        held = {m: pyramid.windows_for(m) for m in pyramid.scales}
+        assert all(len(windows) == 1 for windows in held.values())
+        model.arch.eval()
+        x = videos(segments=5).x
+        assert torch.equal(model.arch(x), model.arch(x))                         # one sub-network throughout
+        assert {m: pyramid.windows_for(m) for m in pyramid.scales} == held
+    assert pyramid.held is None and len(pyramid.windows_for(2)) == 4             # back to the expectation
+    src = videos(segments=5)
+    with hold_local_draws(model.arch), torch.no_grad():
+        anchor = pyramid_levels(model.arch, model.arch.encode(src.x).parts)["level2"]
+        again = pyramid_levels(model.arch, model.arch.encode(src.x).parts)["level2"]
+        assert transport_cost(again, anchor).max() == 0                          # c vanishes at X' = X
+    model.arch.train()
 
 
 def test_algorithm_1_steps_on_the_source_then_on_each_copy_at_its_level():
