@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads.architecture import Architecture, Encoding, register_architecture
-from heads.base import OPTIMIZER_HPARAMS, TRAINER_HPARAMS, HeadError, HParam, Inputs, LabelledBatch, \
-    UnlabelledBatch, cat_inputs, map_inputs
+from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, HeadError, HParam, Inputs, LabelledBatch, UnlabelledBatch,
+                        cat_inputs)
 from heads.common import init_normal_, ordered_tuples
 from heads.dg_baselines import ascend, take
 from heads.fusion import LateFusion
@@ -233,23 +233,24 @@ class RelationalPyramid(nn.Module):
         self.windows = {m: make_windows(num_segments, m) for m in self.scales}
         self.eval_random = hparams["eval_local"] == "random"
         self.held: dict[int, list[tuple[int, ...]]] | None = None      # set by :func:`hold_local_draws`
-        if hparams["attention_shared"]:
-            shared = AttentionBlock(dim, hparams)
-            self.global_block, self.local_blocks, self.cross_blocks = shared, [shared] * len(self.scales), \
-                [shared] * len(self.scales)
+        if hparams["attention_shared"]:       # one registered block; the lists only point at it
+            self.global_block = AttentionBlock(dim, hparams)
+            self.local_blocks = self.cross_blocks = [self.global_block] * len(self.scales)
         else:
             self.global_block = AttentionBlock(dim, hparams)
             self.local_blocks = nn.ModuleList(AttentionBlock(dim, hparams) for _ in self.scales)
             self.cross_blocks = nn.ModuleList(AttentionBlock(dim, hparams) for _ in self.scales)
 
+    def draw(self, size: int) -> list[tuple[int, ...]]:
+        """One window of ``size`` segments drawn uniformly (torch's generator, so a seeded run repeats it)."""
+        candidates = self.windows[size]
+        return [candidates[torch.randint(len(candidates), ()).item()]]
+
     def windows_for(self, size: int) -> list[tuple[int, ...]]:
-        """The windows of ``size`` segments this pass uses: one drawn at random, or all (evaluation's expectation)."""
+        """The windows of ``size`` segments this pass uses: held ones, one drawn, or all (evaluation's expectation)."""
         if self.held is not None:
             return self.held[size]
-        candidates = self.windows[size]
-        if self.training or self.eval_random:
-            return [candidates[torch.randint(len(candidates), ()).item()]]
-        return candidates
+        return self.draw(size) if self.training or self.eval_random else self.windows[size]
 
     def forward(self, frames: Tensor) -> Tensor:
         """F_M [B, M, D] -> [B, M-1, M, D]: R^I_Global (level I), then R^II_m for m = 2..M-1 (eq. 6)."""
@@ -274,8 +275,7 @@ def hold_local_draws(module: nn.Module) -> Iterator[None]:
     whatever its mode: video ADA's ascent sees one sub-network throughout, so c(R, R_0) vanishes at X' = X."""
     pyramids = [m for m in module.modules() if isinstance(m, RelationalPyramid)]
     for pyramid in pyramids:
-        pyramid.held = {size: [pyramid.windows[size][torch.randint(len(pyramid.windows[size]), ()).item()]]
-                        for size in pyramid.scales}
+        pyramid.held = {size: pyramid.draw(size) for size in pyramid.scales}
     try:
         yield
     finally:

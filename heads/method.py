@@ -7,7 +7,8 @@ steps, so a wrapper (DRL) can add a term to another method's objective before th
 
 A method states what it needs beyond per-frame features (``needs``: "encoder", "relations", "batchnorm") and in which
 protocols it runs (``settings``); ``missing_parts`` names what an architecture lacks, so the error is clear and
-``vidshift train --head help`` can print the matrix of which method runs on which architecture.
+``vidshift train --head help`` can print the matrix of which method runs on which architecture. A method may also
+name parts it ``uses`` where present and replaces where not (``fallback_parts``; video-ada: the pyramid).
 
 Adding a method: copy ``heads/erm.py`` (the smallest method) into a new file, decorate the class with
 ``@register_method``, import the file in ``heads/__init__.py``. Nothing else changes: the trainer, the CLI, the

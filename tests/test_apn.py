@@ -397,3 +397,15 @@ def test_apn_with_erm_and_video_ada_train_through_the_cli_and_ensemble(tmp_path)
     assert single.exit_code != 0 and "combine several with --ensemble" in single.output
     no_out = CliRunner().invoke(main, [*evaluate, "--ensemble", str(runs[0]), str(runs[1])])
     assert no_out.exit_code != 0 and "--out" in no_out.output
+
+
+def test_a_method_may_only_use_known_parts():
+    from heads.method import Method, fallback_parts, register_method
+
+    class UsesNothingKnown(Method):
+        name, summary, uses = "uses-unknown", "-", frozenset({"wings"})
+
+    with pytest.raises(HeadError, match="needs or uses unknown parts \\['wings'\\]"):
+        register_method(UsesNothingKnown)
+    assert fallback_parts(*lookup("trn", "video-ada")) == ["pyramid"] and not fallback_parts(*lookup("apn",
+                                                                                                     "video-ada"))
