@@ -167,7 +167,7 @@ def list_models() -> str:
     lines = ["architectures (--head; name, input, summary):"]
     lines += [f"  {name:14} {cls.input:6} {cls.summary}" for name, cls in archs.items()]
     lines.append("methods (--method; name, settings, needs, summary):")
-    lines += [f"  {name:9} {'/'.join(sorted(cls.settings)):5} {parts_column(cls):10} {cls.summary}"
+    lines += [f"  {name:9} {'/'.join(sorted(cls.settings)):5} {parts_column(cls):16} {cls.summary}"
               for name, cls in registered.items()]
     width = max(map(len, archs))
     lines.append("which method runs on which architecture (x: yes; ~: yes, without a part it uses where present "
