@@ -75,7 +75,7 @@ class Architecture(nn.Module, abc.ABC):
     def provides(cls, hparams: dict) -> frozenset[str]:
         """The parts an instance built with ``hparams`` has, beyond frames (``heads.method.PART_NAMES``):
         "encoder" (trainable layers before the classifier; all but a bare linear classifier have them),
-        "relations", "batchnorm"."""
+        "relations", "batchnorm", "pyramid" (relations laid out as APN's relational feature pyramid)."""
         return frozenset({"encoder"})
 
     @abc.abstractmethod

@@ -7,7 +7,8 @@ steps, so a wrapper (DRL) can add a term to another method's objective before th
 
 A method states what it needs beyond per-frame features (``needs``: "encoder", "relations", "batchnorm") and in which
 protocols it runs (``settings``); ``missing_parts`` names what an architecture lacks, so the error is clear and
-``vidshift train --head help`` can print the matrix of which method runs on which architecture.
+``vidshift train --head help`` can print the matrix of which method runs on which architecture. A method may also
+name parts it ``uses`` where present and replaces where not (``fallback_parts``; video-ada: the pyramid).
 
 Adding a method: copy ``heads/erm.py`` (the smallest method) into a new file, decorate the class with
 ``@register_method``, import the file in ``heads/__init__.py``. Nothing else changes: the trainer, the CLI, the
@@ -26,7 +27,10 @@ from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, HeadError, HParam, I
                         UnlabelledBatch, make_optimizer, optimizer_step, resolve)
 
 PART_NAMES = {"encoder": "trainable layers before the classifier", "relations": "relation features",
-              "batchnorm": "batch-norm layers"}
+              "batchnorm": "batch-norm layers",
+              # relations that are a relational feature pyramid (APN): parts[:, 0] the global relation, parts[:, 1:]
+              # the cross-relations, so aggregate(parts[:, 1:]) is level II and aggregate(parts) level III
+              "pyramid": "a relational feature pyramid (levels II and III)"}
 
 
 class Method(nn.Module):
@@ -36,6 +40,9 @@ class Method(nn.Module):
     summary: ClassVar[str]
     settings: ClassVar[frozenset[str]] = frozenset({"dg", "da"})
     needs: ClassVar[frozenset[str]] = frozenset()
+    # Parts the method uses where the architecture has them and replaces where it has not (``--head help`` marks
+    # such pairs "~"; video-ada: the pyramid's levels, else the video representation).
+    uses: ClassVar[frozenset[str]] = frozenset()
     HPARAMS: ClassVar[dict[str, HParam]] = {}
     # Defaults this method wants from an architecture that declares them (AdaBN: a batch-norm in the frame MLP).
     ARCH_DEFAULTS: ClassVar[dict[str, object]] = {}
@@ -136,9 +143,10 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise HeadError(f"method name '{cls.name}' is already registered by {_METHODS[cls.name]}")
     if not cls.settings or not cls.settings <= {"dg", "da"}:
         raise HeadError(f"method '{cls.name}': settings must be a non-empty subset of {{'dg', 'da'}}")
-    unknown = set(cls.needs) - set(PART_NAMES)
+    unknown = (set(cls.needs) | set(cls.uses)) - set(PART_NAMES)
     if unknown:
-        raise HeadError(f"method '{cls.name}' needs unknown parts {sorted(unknown)}; known: {sorted(PART_NAMES)}")
+        raise HeadError(f"method '{cls.name}' needs or uses unknown parts {sorted(unknown)}; known: "
+                        f"{sorted(PART_NAMES)}")
     _METHODS[cls.name] = cls
     return cls
 
@@ -231,6 +239,13 @@ def missing_parts(arch_cls: type[Architecture], method_cls: type[Method], hparam
     if hparams is None:
         hparams = {name: spec.default for name, spec in hparam_specs(arch_cls, method_cls).items()}
     return sorted(method_cls.needs - arch_cls.provides(hparams))
+
+
+def fallback_parts(arch_cls: type[Architecture], method_cls: type[Method], hparams: dict | None = None) -> list[str]:
+    """What ``method_cls`` uses where present that ``arch_cls`` built with ``hparams`` lacks (it then falls back)."""
+    if hparams is None:
+        hparams = {name: spec.default for name, spec in hparam_specs(arch_cls, method_cls).items()}
+    return sorted(method_cls.uses - arch_cls.provides(hparams))
 
 
 def build(arch: str, method: str, feat_shape: tuple[int, ...] | dict[str, tuple[int, ...]], num_classes: int,

@@ -50,8 +50,8 @@ class MultiScaleRelation(nn.Module):
         every = ordered_tuples(self.num_segments, size)      # the expectation of the random draw
         return every, min(self.num_tuples, len(every)) / len(every)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, N, D] -> [B, N-1, R]: row i is R_n for n = N - i, each the (weighted) sum over its tuples (eq. 5)."""
+    def tuple_features(self, x: Tensor) -> list[tuple[Tensor, float]]:
+        """Per scale n = N..2: g_phi(n) of each tuple used [B, k, R] (TRN's g features), and the weight of their sum."""
         if x.shape[1] != self.num_segments:
             raise HeadError(f"TRN was built for {self.num_segments} segments per video, got {x.shape[1]}")
         per_scale = []
@@ -59,8 +59,12 @@ class MultiScaleRelation(nn.Module):
             chosen, weight = self.tuples_for(size)
             index = torch.tensor(chosen, device=x.device)                      # [k, n]
             tuples = x[:, index].flatten(start_dim=2)                          # [B, k, n * D], time-ordered
-            per_scale.append(weight * fuse(tuples).sum(dim=1))                 # [B, R]
-        return torch.stack(per_scale, dim=1)
+            per_scale.append((fuse(tuples), weight))
+        return per_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, N, D] -> [B, N-1, R]: row i is R_n for n = N - i, each the (weighted) sum over its tuples (eq. 5)."""
+        return torch.stack([weight * features.sum(dim=1) for features, weight in self.tuple_features(x)], dim=1)
 
 
 @register_architecture

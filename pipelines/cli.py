@@ -19,11 +19,11 @@ from extract.store import FeatureStore, StoreError
 from extract.store.summary import format_summary, store_summary
 from extract.synth import SynthConfig, describe, generate
 import heads
-from heads.method import missing_parts, registered_presets
+from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
-from pipelines.evaluate import evaluate_run
+from pipelines.evaluate import ENSEMBLE_RULES, evaluate_ensemble, evaluate_run
 from pipelines.train import TrainConfig, train as run_training
 
 # Expected failures: bad input (RunError, HeadError, ManifestError, JSON and UTF-8 errors are ValueErrors), a
@@ -195,19 +195,33 @@ def _load_yaml(text: str | bytes, where: str):
                          f"name: value per line) and quote values holding ':' '#' '[' or '{{'") from None
 
 
+def parts_column(method_cls) -> str:
+    """What a method needs, and what it uses where present: "encoder", "- (uses pyramid)"."""
+    needs = "+".join(sorted(method_cls.needs)) or "-"
+    return f"{needs} (uses {'+'.join(sorted(method_cls.uses))})" if method_cls.uses else needs
+
+
+def matrix_cell(arch_cls, method_cls) -> str:
+    """x: the pair runs; ~: it runs with a fallback for a part the method uses where present; .: refused."""
+    if missing_parts(arch_cls, method_cls):
+        return "."
+    return "~" if fallback_parts(arch_cls, method_cls) else "x"
+
+
 def list_models() -> str:
     """The architectures, the methods and the matrix of which method runs on which architecture."""
     archs, registered = heads.architectures(), heads.methods()
     lines = ["architectures (--head; name, input, summary):"]
     lines += [f"  {name:14} {cls.input:6} {cls.summary}" for name, cls in archs.items()]
     lines.append("methods (--method; name, settings, needs, summary):")
-    lines += [f"  {name:8} {'/'.join(sorted(cls.settings)):5} {'+'.join(sorted(cls.needs)) or '-':10} {cls.summary}"
+    lines += [f"  {name:9} {'/'.join(sorted(cls.settings)):5} {parts_column(cls):16} {cls.summary}"
               for name, cls in registered.items()]
     width = max(map(len, archs))
-    lines.append("which method runs on which architecture (x: yes; .: lacks a part the method needs):")
+    lines.append("which method runs on which architecture (x: yes; ~: yes, without a part it uses where present "
+                 "(see the method); .: lacks a part the method needs):")
     lines.append(" " * (width + 2) + " ".join(f"{name:>6}" for name in registered))
     for arch_name, arch_cls in archs.items():
-        cells = [f"{'x' if not missing_parts(arch_cls, method_cls) else '.':>6}" for method_cls in registered.values()]
+        cells = [f"{matrix_cell(arch_cls, method_cls):>6}" for method_cls in registered.values()]
         lines.append(f"  {arch_name:{width}} " + " ".join(cells))
     lines.append("presets (--preset NAME; which methods on which architectures):")
     for entry in registered_presets():
@@ -271,22 +285,42 @@ def train(store_path, manifest, head, config_file, assignments, out, resume, **o
 
 
 @main.command(name="eval")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--domain", required=True)
 @click.option("--split", default="test", show_default=True)
 @click.option("--checkpoint", type=click.Choice(["best", "checkpoint"]), default="best", show_default=True,
               help="best: the source-val selected epoch; checkpoint: the last finished epoch.")
+@click.option("--ensemble", is_flag=True, help="Combine the predictions of several runs (APN's gamma ensemble).")
+@click.option("--rule", type=click.Choice(ENSEMBLE_RULES), default="mean", show_default=True,
+              help="Ensemble: mean of the softmax probabilities, or per video the most confident run's.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Ensemble: directory for ensemble-<domain>-<split>.* (required with --ensemble).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="DataLoader processes streaming the features.")
-def evaluate(run_dir, store_path, manifest, domain, split, checkpoint, device, workers) -> None:
-    """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run."""
+def evaluate(run_dirs, store_path, manifest, domain, split, checkpoint, ensemble, rule, out, device,
+             workers) -> None:
+    """Accuracy, mean class accuracy and confusion matrix (CSV + PNG in RUN_DIR) of a trained run, or with
+    --ensemble of several runs combined (in --out)."""
+    if ensemble:
+        if out is None:
+            raise click.UsageError("--ensemble writes its report to --out DIR; give one")
+        report = evaluate_ensemble(list(run_dirs), store_path, manifest, domain, split, out, checkpoint, device,
+                                   workers, rule)
+        for member in report["members"]:
+            click.echo(f"  {member['run']}: top-1 {member['accuracy']:.4f}")
+        click.echo(f"{domain}/{split}: ensemble of {len(run_dirs)} runs ({rule}), {report['videos']} videos, top-1 "
+                   f"{report['accuracy']:.4f}, mean class accuracy {report['mean_class_accuracy']:.4f}; wrote "
+                   f"{out}/ensemble-{domain}-{split}.*")
+        return
+    if len(run_dirs) != 1:
+        raise click.UsageError(f"got {len(run_dirs)} run dirs: evaluate one, or combine several with --ensemble")
+    (run_dir,) = run_dirs
     report = evaluate_run(run_dir, store_path, manifest, domain, split, checkpoint, device, workers)
     click.echo(f"{domain}/{split}: {report['videos']} videos, top-1 {report['accuracy']:.4f}, "
                f"mean class accuracy {report['mean_class_accuracy']:.4f}; wrote {run_dir}/eval-{domain}-{split}.*")
-
 
 
 @main.command()

@@ -45,6 +45,7 @@ DEMO_RUNS: tuple[tuple[str, str, str], ...] = (
     ("trn", "mixup", "dg"), ("trn", "irm", "dg"), ("trn", "ada", "dg"), ("trn", "m-ada", "dg"), ("trn", "cop", "dg"),
     ("tsn-maps", "erm", "dg"), ("stdn-sgm", "erm", "dg"), ("stdn-trm", "erm", "dg"), ("stdn-strm", "erm", "dg"),
     ("stdn-mixstyle", "erm", "dg"), ("stdn", "erm", "dg"), ("stdn", "erm", "target-only"),
+    ("apn", "erm", "dg"), ("apn", "video-ada", "dg"), ("trn-attn", "erm", "dg"),
 )
 
 

@@ -1,4 +1,5 @@
-"""Evaluation: predictions at segment centres, accuracy, mean class accuracy, confusion matrix (``vidshift eval``)."""
+"""Evaluation: predictions at segment centres, accuracy, mean class accuracy, confusion matrix (``vidshift eval``),
+and ensembles of several runs (``vidshift eval --ensemble``: APN's γ ensemble)."""
 from __future__ import annotations
 
 import csv
@@ -93,22 +94,80 @@ def load_run(run_dir: Path, store_path: Path, checkpoint: str = "best", device: 
     return LoadedRun(record, store, model, torch_device)
 
 
+def run_logits(run: LoadedRun, manifest: Path, domain: str, split: str, workers: int) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+    """A loaded run's logits [V, classes] on ``domain``/``split`` of ``manifest``, and the labels [V]."""
+    entries = select(read_manifest(manifest), domain, split)
+    features = run.open_features(entries)
+    if features is None:
+        raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")
+    config = run.config
+    trained_on = config["target"] if config["setting"] == "target-only" else config["source"]
+    run.model.set_eval_domain("source" if domain == trained_on else "target")  # AdaBN: whose BN statistics
+    return predict(run.model, features, config["num_segments"], workers, run.device), features.labels
+
+
 def evaluate_run(run_dir: Path, store_path: Path, manifest: Path, domain: str, split: str,
                  checkpoint: str = "best", device: str = "auto", workers: int = 2) -> dict:
     """Evaluate a trained run on ``domain``/``split`` of any compatible store; writes eval-<domain>-<split>.*"""
     run_dir = Path(run_dir)
     run = load_run(run_dir, store_path, checkpoint, device)
-    config, classes = run.config, run.record["classes"]
-    entries = select(read_manifest(manifest), domain, split)
-    features = run.open_features(entries)
-    if features is None:
-        raise RunError(f"{manifest} has no videos of domain {domain!r} in split {split!r}")
-    trained_on = config["target"] if config["setting"] == "target-only" else config["source"]
-    run.model.set_eval_domain("source" if domain == trained_on else "target")  # AdaBN: whose BN statistics
-    logits = predict(run.model, features, config["num_segments"], workers, run.device)
-    report = accuracy_report(logits, features.labels, len(classes))
-    report.update(domain=domain, split=split, videos=len(features), checkpoint=checkpoint, classes=classes)
+    classes = run.record["classes"]
+    logits, labels = run_logits(run, manifest, domain, split, workers)
+    report = accuracy_report(logits, labels, len(classes))
+    report.update(domain=domain, split=split, videos=len(labels), checkpoint=checkpoint, classes=classes)
     stem = run_dir / f"eval-{domain}-{split}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+    _write_confusion(report["confusion"], classes, stem)
+    return report
+
+
+ENSEMBLE_RULES = ("mean", "confident")
+
+
+def ensemble_probabilities(logits: list[torch.Tensor], rule: str = "mean") -> torch.Tensor:
+    """Class probabilities [V, classes] of an ensemble from its members' logits (each [V, classes]).
+
+    ``mean``: the mean of the members' softmax probabilities (APN §5.1's γ ensemble; the default).
+    ``confident``: per video, the softmax of the member whose top probability is highest.
+    """
+    if rule not in ENSEMBLE_RULES:
+        raise ValueError(f"ensemble rule {rule!r}: use one of {', '.join(ENSEMBLE_RULES)}")
+    probabilities = torch.stack([member.softmax(dim=1) for member in logits])          # [R, V, classes]
+    if rule == "mean":
+        return probabilities.mean(dim=0)
+    most_confident = probabilities.max(dim=2).values.argmax(dim=0)                      # [V]
+    return probabilities[most_confident, torch.arange(probabilities.shape[1])]
+
+
+def evaluate_ensemble(run_dirs: list[Path], store_path: Path, manifest: Path, domain: str, split: str, out: Path,
+                      checkpoint: str = "best", device: str = "auto", workers: int = 2,
+                      rule: str = "mean") -> dict:
+    """Evaluate the ensemble of several runs (APN §5.1: one per γ); writes ensemble-<domain>-<split>.* in ``out``.
+
+    The runs must share the class list (the same source labels); each predicts as it was trained (its own
+    architecture, streams and segments). The report lists every member's own accuracy beside the ensemble's.
+    """
+    if len(run_dirs) < 2:
+        raise RunError(f"an ensemble needs at least two runs, got {len(run_dirs)}")
+    members, logits, labels, classes = [], [], None, None
+    for run_dir in map(Path, run_dirs):
+        run = load_run(run_dir, store_path, checkpoint, device)
+        if classes is None:
+            classes = run.record["classes"]
+        elif run.record["classes"] != classes:
+            raise RunError(f"{run_dir} was trained on classes {run.record['classes']}, the first run on {classes}; "
+                           f"an ensemble needs runs with the same classes")
+        member_logits, labels = run_logits(run, manifest, domain, split, workers)
+        logits.append(member_logits)
+        members.append({"run": str(run_dir), "method": run.config["method"], "head": run.config["head"],
+                        "accuracy": accuracy_report(member_logits, labels, len(classes))["accuracy"]})
+    report = accuracy_report(ensemble_probabilities(logits, rule), labels, len(classes))
+    report.update(domain=domain, split=split, videos=len(labels), checkpoint=checkpoint, classes=classes,
+                  rule=rule, members=members)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"ensemble-{domain}-{split}"
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
     _write_confusion(report["confusion"], classes, stem)
     return report

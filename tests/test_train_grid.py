@@ -210,8 +210,12 @@ def test_head_help_prints_architectures_methods_and_the_matrix():
     matrix = out.split("which method runs on which architecture")[1].split("presets")[0].splitlines()[1:]
     header = matrix[0].split()
     printed = {row.split()[0]: dict(zip(header, row.split()[1:])) for row in matrix[1:]}
-    expected = {arch: {method: "." if heads_method.missing_parts(arch_cls, method_cls) else "x"
-                       for method, method_cls in heads_method.methods().items()}
+    def cell(arch_cls, method_cls) -> str:
+        if heads_method.missing_parts(arch_cls, method_cls):
+            return "."
+        return "~" if heads_method.fallback_parts(arch_cls, method_cls) else "x"
+
+    expected = {arch: {method: cell(arch_cls, method_cls) for method, method_cls in heads_method.methods().items()}
                 for arch, arch_cls in heads_method.architectures().items()}
     assert printed == expected
     assert printed["tempooling"]["erm"] == "x" and printed["tsn-maps"]["mcd"] == "."
