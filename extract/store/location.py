@@ -32,7 +32,6 @@ from ..manifest import file_sha256, stream_sha256
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PACK_SUFFIXES = {".zip": "zip", ".tar": "tar"}
 HDF5_BLOCK_BYTES = 2 << 20   # fsspec block cache of remote HDF5 parts: HDF5 metadata is many small reads
-COPY_BLOCK_BYTES = 4 << 20
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -67,6 +66,10 @@ class LocalFiles:
     def open_part_file(self, part: str, name: str) -> BinaryIO:
         path = self.root / "parts" / part
         return open(path if name == "." else path / name, "rb")
+
+    def part_file_size(self, part: str, name: str) -> int:
+        path = self.root / "parts" / part
+        return (path if name == "." else path / name).stat().st_size
 
     def file_digests(self, part: str, recorded: dict[str, str]) -> dict[str, str]:
         del recorded  # every file on disk is hashed: an extra file counts as a change
@@ -146,6 +149,9 @@ class FsspecFiles:
     def open_part_file(self, part: str, name: str) -> BinaryIO:
         return self.data_fs.open(self._path("parts", part, name), "rb")
 
+    def part_file_size(self, part: str, name: str) -> int:
+        return int(self.fs.size(self._path("parts", part, name)))
+
     def file_digests(self, part: str, recorded: dict[str, str]) -> dict[str, str]:
         """sha256 of each file the part's digests name; a file that is missing is left out (so it differs)."""
         digests = {}
@@ -189,10 +195,17 @@ def open_location(location: str | os.PathLike, cache: str | os.PathLike | None =
     return LocalFiles(Path(location))
 
 
-def copy_stream(source: BinaryIO, target: BinaryIO) -> str:
-    """Copy ``source`` into ``target``; return the sha256 of the bytes copied."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: source.read(COPY_BLOCK_BYTES), b""):
-        digest.update(block)
-        target.write(block)
-    return digest.hexdigest()
+class HashingReader:
+    """A binary file that hashes what is read from it: a copy checks its bytes against a recorded digest
+    without reading them twice."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.handle.read(size)
+        self.digest.update(block)
+        return block
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()

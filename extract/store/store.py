@@ -414,11 +414,19 @@ class FeatureStore:
                 digests.unlink()  # written by a run killed just before it committed its part
         return handle
 
+    def next_part_name(self, tag: str) -> str:
+        """The name the next committed part tagged ``tag`` takes: part-<tag>-<number><suffix>."""
+        taken = [int(p.name[len(f"part-{tag}-"):][:6]) for p in (self.root / "parts").glob(f"part-{tag}-*")]
+        return f"part-{tag}-{max(taken, default=-1) + 1:06d}{self.suffix}"
+
+    def annotate(self, **entries) -> None:
+        """Record ``entries`` in store.json (e.g. which stores a merge made this one from)."""
+        self._update_meta(lambda meta: meta.update(entries))
+
     def new_part(self, tag: str, stream: str, dtype: str, channels: int, part_info: dict,
                  shard_steps: int = 64) -> PartWriter:
         """A writer for the next part tagged ``tag`` (hold ``lock(tag)`` while writing)."""
-        taken = [int(p.name[len(f"part-{tag}-"):][:6]) for p in (self.root / "parts").glob(f"part-{tag}-*")]
-        name = f"part-{tag}-{max(taken, default=-1) + 1:06d}{self.suffix}"
+        name = self.next_part_name(tag)
         tmp = self.root / "parts" / f".tmp-{name}"
         return PartWriter(self._writer_cls(tmp, shard_steps), tmp, self.root / "parts" / name, stream,
                           self.map_shape(stream), channels, dtype, shard_steps, part_info)
