@@ -7,6 +7,7 @@ STORE/
   parts/part-*.sha256.json  the sha256 of every file of a part, written when it is committed
   index.json            video_id -> part, offset, n_steps, hash, attributes, and its own sha256; rebuilt from
                         the parts when stale, missing or damaged
+  README.md             the store card, if written (card.py)
   .lock-<tag>           held by the extraction run writing parts tagged <tag>
 ```
 The same API serves both backends; nothing outside ``extract/store`` knows which one a store uses. A store is
@@ -142,7 +143,7 @@ class FeatureStore:
         ``meta_problem`` (for ``verify``, which reports it)."""
         files = open_location(root, cache)
         text = files.read_bytes("store.json")
-        meta_path = f"{files.display}{'/' if files.writable else ' '}store.json"
+        meta_path = f"{files.display}/store.json"
         if text is None:
             raise StoreError(f"{files.display}: not a vidshift feature store (no store.json); create one with "
                              f"`vidshift extract` or `vidshift store import`")
