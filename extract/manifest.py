@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 REQUIRED_COLUMNS = ("path", "label", "domain", "split")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + ("video_id", "start_frame", "end_frame")
@@ -57,10 +58,15 @@ def default_video_id(path: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return stream_sha256(handle)
+
+
+def stream_sha256(handle: BinaryIO) -> str:
+    """sha256 of what is left to read in a binary file (local, or opened through fsspec)."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

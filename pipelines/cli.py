@@ -16,11 +16,13 @@ from extract.errors import describe_os_error
 from extract.manifest import ManifestError
 from extract.run import ExtractConfig, run_extract
 from extract.store import FeatureStore, StoreError
+from extract.store.card import store_card
 from extract.store.summary import format_summary, store_summary
 from extract.synth import SynthConfig, describe, generate
 import heads
 from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
+from pipelines.cli_store import STORE, cache_option, diff, merge, pack, subset
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
 from pipelines.evaluate import ENSEMBLE_RULES, evaluate_ensemble, evaluate_run
@@ -133,30 +135,43 @@ def extract(manifest: Path, root: Path | None, out: Path, store_format: str, **o
 
 @main.group()
 def store() -> None:
-    """Inspect and check feature stores."""
+    """Inspect, check and share feature stores (a STORE is a directory, a packed .zip/.tar, or a URL)."""
 
 
 main.add_command(manifest)
 main.add_command(diagnose)
 store.add_command(import_, "import")
 store.add_command(export)
+for command in (merge, diff, subset, pack):
+    store.add_command(command)
 
 
 @store.command()
-@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(path: Path, as_json: bool) -> None:
+@click.option("--card", is_flag=True, help="Also write STORE/README.md: what the features are, how they were made, "
+                                          "counts, failures, a licence line to fill, how to read them without vidshift.")
+@cache_option
+def info(path: str, as_json: bool, card: bool, cache: Path | None) -> None:
     """Provenance, counts, sizes, compression ratio and failures of a store."""
-    with FeatureStore.open(path) as feature_store:
+    with FeatureStore.open(path, cache=cache) as feature_store:
         summary = store_summary(feature_store)
+        if card:
+            if not feature_store.files.writable:
+                raise StoreError(f"{path}: --card writes README.md into a store directory; this store is read-only "
+                                 f"here (a URL or a packed store)")
+            (feature_store.root / "README.md").write_text(store_card(feature_store))
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+    if card:
+        click.echo(f"wrote {Path(path) / 'README.md'} (fill in its LICENCE line)", err=True)
 
 
 @store.command()
-@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
-def verify(path: Path) -> None:
+@click.argument("path", type=STORE)
+@cache_option
+def verify(path: str, cache: Path | None) -> None:
     """Re-read every chunk and video hash; exit 1 naming every bad video."""
-    with FeatureStore.open(path, check=False) as feature_store:  # verify reports a damaged store.json itself
+    with FeatureStore.open(path, check=False, cache=cache) as feature_store:  # it reports a damaged store.json
         with tqdm(desc="verify", unit="video") as bar:
             problems = feature_store.verify(progress=bar.update)
             checked = bar.n
@@ -236,7 +251,8 @@ def split_streams(_ctx, _param, value: str) -> tuple[str, ...]:
 
 
 @main.command()
-@click.option("--store", "store_path", type=click.Path(file_okay=False, path_type=Path), help="Feature store.")
+@click.option("--store", "store_path", type=STORE,
+              help="Feature store: a directory, a packed .zip/.tar or a URL ($VIDSHIFT_STORE_CACHE: local copies).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Manifest of the store's videos.")
 @click.option("--head", required=True, help="Architecture; `--head help` lists architectures, methods and the matrix.")
 @click.option("--method", default="erm", show_default=True, help="Training method (DG/DA); see `--head help`.")
@@ -286,7 +302,7 @@ def train(store_path, manifest, head, config_file, assignments, out, resume, **o
 
 @main.command(name="eval")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--store", "store_path", required=True, type=STORE, help="A directory, a packed .zip/.tar or a URL.")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--domain", required=True)
 @click.option("--split", default="test", show_default=True)

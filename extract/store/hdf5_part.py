@@ -93,9 +93,11 @@ class Hdf5PartWriter:
 
 
 class Hdf5PartReader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, source) -> None:
+        """``source``: the part's path, or a binary file (fsspec's, for a remote or packed part)."""
         # Read-only parts need no lock; locking fails on some network filesystems (research/store.md §6.2).
-        self.file = h5py.File(path, "r", locking=False)
+        self.source = source
+        self.file = h5py.File(source, "r", locking=False)
 
     def table(self) -> dict:
         return json.loads(self.file["table"][()].tobytes().decode())
@@ -109,3 +111,5 @@ class Hdf5PartReader:
 
     def close(self) -> None:
         self.file.close()
+        if hasattr(self.source, "close"):
+            self.source.close()  # h5py does not close a file object it was given

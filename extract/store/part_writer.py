@@ -187,12 +187,25 @@ class VideoWriter:
         self.part._append(rows)
         self.n_steps += len(rows["steps"])
 
-    def finish(self, **extra) -> None:
+    def append_stored(self, rows: dict[str, np.ndarray]) -> None:
+        """Add steps exactly as a store holds them (maps in the stored dtype, pooled float32, steps int32), so a
+        copy into another store (merge, subset) keeps the video's content hash."""
+        for name in self.part.names:
+            if name == "maps" and rows[name].dtype != self.part.dtype:
+                raise ValueError(f"{self.video_id}: maps are {rows[name].dtype}, this part stores {self.part.dtype}")
+            self.hasher.update(name, rows[name])
+        self.part._append({name: rows[name] for name in self.part.names})
+        self.n_steps += len(rows["steps"])
+
+    def finish(self, **extra) -> str:
+        """Add the video to the part's table; return its content hash."""
         if self.n_steps == 0:
             raise FeatureValueError(f"{self.video_id}: no time steps were decoded")
+        digest = self.hasher.hexdigest()
         self.part.table["videos"].append({
             "video_id": self.video_id, "offset": self.offset, "n_steps": self.n_steps,
-            "sha256": self.hasher.hexdigest(), "attrs": self.attrs, **extra})
+            "sha256": digest, "attrs": self.attrs, **extra})
+        return digest
 
     def discard(self) -> None:
         self.part._rewind(self.offset)

@@ -7,9 +7,12 @@ STORE/
   parts/part-*.sha256.json  the sha256 of every file of a part, written when it is committed
   index.json            video_id -> part, offset, n_steps, hash, attributes, and its own sha256; rebuilt from
                         the parts when stale, missing or damaged
+  README.md             the store card, if written (card.py)
   .lock-<tag>           held by the extraction run writing parts tagged <tag>
 ```
-The same API serves both backends; nothing outside ``extract/store`` knows which one a store uses.
+The same API serves both backends; nothing outside ``extract/store`` knows which one a store uses. A store is
+read where it is (a directory) or through fsspec (a URL, a packed ``.zip``/``.tar``; ``location.py``); only
+directories are written.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from typing import TextIO
 import numpy as np
 
 from . import hdf5_part, zarr_part
-from .part_writer import DIGESTS_SUFFIX, PartWriter, VideoHasher, digests_path, file_digests
+from .location import FsspecFiles, LocalFiles, open_location
+from .part_writer import DIGESTS_SUFFIX, PartWriter, VideoHasher, digests_path
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +75,10 @@ def _checked_json_text(payload: dict) -> str:
     return json.dumps({**payload, "sha256": _digest(payload)}, indent=1, sort_keys=True)
 
 
-def _read_checked_json(path: Path) -> tuple[dict | None, str | None]:
+def _parse_checked_json(text: bytes) -> tuple[dict | None, str | None]:
     """(payload, None) for a JSON object whose embedded sha256 matches; else (payload or None, the problem)."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         return None, f"damaged, not valid JSON ({error})"
     if not isinstance(data, dict):
@@ -87,9 +91,9 @@ def _read_checked_json(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
-def _read_meta(path: Path) -> tuple[dict | None, str | None]:
-    """store.json as ``_read_checked_json`` reads it; version 1 stores were written without a checksum."""
-    meta, problem = _read_checked_json(path)
+def _read_meta(text: bytes) -> tuple[dict | None, str | None]:
+    """store.json as ``_parse_checked_json`` reads it; version 1 stores were written without a checksum."""
+    meta, problem = _parse_checked_json(text)
     if meta is not None and meta.get("format_version") == 1 and problem == NO_CHECKSUM:
         return meta, None
     return meta, problem
@@ -104,11 +108,24 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)  # left only when writing failed
 
 
-class FeatureStore:
-    """Open with ``FeatureStore.open(path)`` (read) or ``FeatureStore.create_or_open(...)`` (extraction)."""
+def feature_differences(ours: dict, theirs: dict, our_name: str, their_name: str) -> list[str]:
+    """One line per feature setting (backbone, weights, preprocessing, sampling, dtype...) on which two streams'
+    provenance differs; ``software`` is recorded, never compared."""
+    keys = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    return [f"{key}: {our_name} has {ours.get(key)!r}, {their_name} has {theirs.get(key)!r}" for key in keys]
 
-    def __init__(self, root: Path, meta: dict, meta_problem: str | None = None) -> None:
-        self.root, self.meta, self.meta_problem = Path(root), meta, meta_problem
+
+class FeatureStore:
+    """Open with ``FeatureStore.open(path or URL)`` (read) or ``FeatureStore.create_or_open(...)`` (extraction).
+
+    ``root`` is the directory (a Path) of a local store, the URL or archive path (a str) of any other.
+    """
+
+    def __init__(self, root: Path | str, meta: dict, meta_problem: str | None = None,
+                 files: LocalFiles | FsspecFiles | None = None) -> None:
+        self.files = files or LocalFiles(Path(root))
+        self.root = Path(root) if self.files.writable else root
+        self.meta, self.meta_problem = meta, meta_problem
         if meta.get("backend") not in BACKENDS or not isinstance(meta.get("streams"), dict):
             raise StoreError(f"{self.root / 'store.json'}: damaged (no valid backend or streams entry); restore "
                              f"store.json from a copy of the store")
@@ -119,14 +136,18 @@ class FeatureStore:
 
     # ---- opening -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path, check: bool = True) -> "FeatureStore":
-        """Open a store for reading. A store.json that fails its checksum is refused; ``check=False`` opens it
-        anyway and keeps the problem in ``meta_problem`` (for ``verify``, which reports it)."""
-        meta_path = Path(root) / "store.json"
-        if not meta_path.is_file():
-            raise StoreError(f"{root}: not a vidshift feature store (no store.json); create one with "
+    def open(cls, root: Path | str, check: bool = True, cache: Path | str | None = None) -> "FeatureStore":
+        """Open a store for reading: a directory, a packed ``.zip``/``.tar`` or an fsspec URL of either, with
+        ``cache`` (default: $VIDSHIFT_STORE_CACHE) a directory keeping local copies of remote parts. A store.json
+        that fails its checksum is refused; ``check=False`` opens it anyway and keeps the problem in
+        ``meta_problem`` (for ``verify``, which reports it)."""
+        files = open_location(root, cache)
+        text = files.read_bytes("store.json")
+        meta_path = f"{files.display}/store.json"
+        if text is None:
+            raise StoreError(f"{files.display}: not a vidshift feature store (no store.json); create one with "
                              f"`vidshift extract` or `vidshift store import`")
-        meta, problem = _read_meta(meta_path)
+        meta, problem = _read_meta(text)
         if meta is None:
             raise StoreError(f"{meta_path}: {problem}; restore store.json from a copy of the store (it holds the "
                              f"provenance, which cannot be recovered from the parts)")
@@ -136,7 +157,7 @@ class FeatureStore:
         if problem and check:
             raise StoreError(f"{meta_path}: {problem}, so the provenance it records cannot be trusted; restore "
                              f"store.json from a copy of the store (`vidshift store verify` checks the rest)")
-        return cls(Path(root), meta, problem)
+        return cls(files.display, meta, problem, files)
 
     @classmethod
     def create_or_open(cls, root: Path, backend: str, stream: str, provenance: dict) -> "FeatureStore":
@@ -192,7 +213,7 @@ class FeatureStore:
         """Apply ``change`` to the current store.json and write it back atomically if it changed."""
         with open(self.root / ".lock-store-json", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent writers (one per shard) queue up here
-            meta, problem = _read_meta(self.root / "store.json")
+            meta, problem = _read_meta((self.root / "store.json").read_bytes())
             if problem:
                 raise StoreError(f"{self.root / 'store.json'}: {problem}; restore it from a copy of the store")
             before = json.dumps(meta, sort_keys=True)
@@ -203,14 +224,12 @@ class FeatureStore:
         self.meta = meta
 
     def _check_compatible(self, stream: str, provenance: dict) -> None:
-        existing = self.meta["streams"][stream]
-        differences = {key for key in existing["features"].keys() | provenance["features"].keys()
-                       if existing["features"].get(key) != provenance["features"].get(key)}
+        differences = feature_differences(self.meta["streams"][stream]["features"], provenance["features"], "store",
+                                          "this run")
         if differences:
-            lines = [f"  {key}: store has {existing['features'].get(key)!r}, this run has "
-                     f"{provenance['features'].get(key)!r}" for key in sorted(differences)]
             raise StoreError(f"{self.root} was extracted with different settings, refusing to mix features:\n"
-                             + "\n".join(lines) + "\nUse the store's settings to resume, or a new --out directory.")
+                             + "\n".join(f"  {line}" for line in differences)
+                             + "\nUse the store's settings to resume, or a new --out directory.")
 
     # ---- provenance and listing ----------------------------------------------------------------------
     @property
@@ -240,7 +259,8 @@ class FeatureStore:
         return self.index()["failures"].get(stream, [])
 
     def part_names(self) -> list[str]:
-        return sorted(path.name for path in (self.root / "parts").glob(f"part-*{self.suffix}"))
+        """The committed parts: listed in a directory; elsewhere (nothing to list over plain HTTP) index.json's."""
+        return self.files.list_parts(self.suffix) if self.files.writable else self.index()["parts"]
 
     def part_tables(self) -> dict[str, dict]:
         return {name: self.part_table(name) for name in self.part_names()}
@@ -250,13 +270,19 @@ class FeatureStore:
         try:
             return self._reader(part).table()
         except BACKEND_READ_ERRORS as error:
-            raise StoreError(f"{self.root / 'parts' / part}: the part's video table is unreadable ({error}); run "
+            raise StoreError(f"{self.root}/parts/{part}: the part's video table is unreadable ({error}); run "
                              f"`vidshift store verify {self.root}`; {REEXTRACT}") from None
 
     # ---- index ---------------------------------------------------------------------------------------
     def index(self) -> dict:
         """The store index; rebuilt from the parts when the set of committed parts changed, or when index.json
-        is missing or damaged (it holds nothing the parts do not, so a rebuild loses nothing)."""
+        is missing or damaged (it holds nothing the parts do not, so a rebuild loses nothing). A read-only copy
+        (a URL, a packed store) trusts an intact index.json: listing its parts would cost requests, and it
+        never changes."""
+        if not self.files.writable:
+            if self._index is None:
+                self._index = self._remote_index()
+            return self._index
         parts = self.part_names()
         if self._index is None or self._index["parts"] != parts:
             cached, problem = self._index_on_disk()
@@ -266,18 +292,30 @@ class FeatureStore:
             self._index = cached if cached and cached.get("parts") == parts else self.rebuild_index()
         return self._index
 
+    def _remote_index(self) -> dict:
+        index, problem = self._index_on_disk()
+        if index is not None:
+            return index
+        if not self.files.list_parts(self.suffix):
+            raise StoreError(f"{self.root}: index.json is {problem}, and the parts cannot be listed here to rebuild "
+                             f"it; ask for an intact copy (`vidshift store verify` rewrites index.json where the "
+                             f"store was written)")
+        log.warning("%s: index.json is %s; rebuilt it in memory from the listed parts", self.root, problem)
+        return self.rebuild_index()
+
     def _index_on_disk(self) -> tuple[dict | None, str | None]:
         """index.json if it is intact, else (None, what is wrong with it)."""
-        path = self.root / "index.json"
-        if not path.is_file():
+        text = self.files.read_bytes("index.json")
+        if text is None:
             return None, "missing"
-        index, problem = _read_checked_json(path)
+        index, problem = _parse_checked_json(text)
         return (None, problem) if problem else (index, None)
 
     def rebuild_index(self) -> dict:
         videos: dict[str, dict] = {}
         failures: dict[str, dict[str, dict]] = {}
-        for part, table in self.part_tables().items():
+        parts = self.files.list_parts(self.suffix)
+        for part, table in ((part, self.part_table(part)) for part in parts):
             stream_videos = videos.setdefault(table["stream"], {})
             for row in table["videos"]:
                 # Parts are scanned in commit-name order; the first copy of a video wins (verify flags repeats).
@@ -286,13 +324,15 @@ class FeatureStore:
                     "sha256": row["sha256"], "attrs": row["attrs"]})
             for failure in table["failures"]:
                 failures.setdefault(table["stream"], {})[failure["video_id"]] = {**failure, "part": part}
-        index = {"parts": self.part_names(), "videos": videos,
+        index = {"parts": parts, "videos": videos,
                  "failures": {stream: [f for vid, f in sorted(rows.items()) if vid not in videos.get(stream, {})]
                               for stream, rows in failures.items()}}
-        try:
-            _write_json_atomic(self.root / "index.json", index)
-        except OSError:
-            pass  # a read-only copy of a store still works; it just rebuilds the index in memory
+        if self.files.writable:
+            try:
+                _write_json_atomic(self.root / "index.json", index)
+            except OSError:
+                pass  # a read-only copy of a store still works; it just rebuilds the index in memory
+        self._index = index
         return index
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -334,7 +374,8 @@ class FeatureStore:
 
     def _reader(self, part: str):
         if part not in self._readers:
-            self._readers[part] = self._reader_cls(self.root / "parts" / part)
+            source = self.files.zarr_source(part) if self.backend == "zarr" else self.files.hdf5_source(part)
+            self._readers[part] = self._reader_cls(source)
         return self._readers[part]
 
     def close(self) -> None:
@@ -374,11 +415,19 @@ class FeatureStore:
                 digests.unlink()  # written by a run killed just before it committed its part
         return handle
 
+    def next_part_name(self, tag: str) -> str:
+        """The name the next committed part tagged ``tag`` takes: part-<tag>-<number><suffix>."""
+        taken = [int(p.name[len(f"part-{tag}-"):][:6]) for p in (self.root / "parts").glob(f"part-{tag}-*")]
+        return f"part-{tag}-{max(taken, default=-1) + 1:06d}{self.suffix}"
+
+    def annotate(self, **entries) -> None:
+        """Record ``entries`` in store.json (e.g. which stores a merge made this one from)."""
+        self._update_meta(lambda meta: meta.update(entries))
+
     def new_part(self, tag: str, stream: str, dtype: str, channels: int, part_info: dict,
                  shard_steps: int = 64) -> PartWriter:
         """A writer for the next part tagged ``tag`` (hold ``lock(tag)`` while writing)."""
-        taken = [int(p.name[len(f"part-{tag}-"):][:6]) for p in (self.root / "parts").glob(f"part-{tag}-*")]
-        name = f"part-{tag}-{max(taken, default=-1) + 1:06d}{self.suffix}"
+        name = self.next_part_name(tag)
         tmp = self.root / "parts" / f".tmp-{name}"
         return PartWriter(self._writer_cls(tmp, shard_steps), tmp, self.root / "parts" / name, stream,
                           self.map_shape(stream), channels, dtype, shard_steps, part_info)
@@ -432,16 +481,26 @@ class FeatureStore:
             problems += part_problems
         return problems
 
+    def recorded_digests(self, part: str) -> dict[str, str] | None:
+        """The sha256 of each file of a part as recorded at commit; None for parts written before digests.
+        ValueError when the digests file itself is damaged."""
+        text = self.files.read_bytes(f"parts/{part}{DIGESTS_SUFFIX}")
+        if text is None:
+            return None
+        recorded = json.loads(text.decode("utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{part}{DIGESTS_SUFFIX} is not a JSON object")
+        return recorded
+
     def _changed_files(self, part: str) -> list[str]:
         """Files of a part whose sha256 differs from the one recorded at commit ([] for parts without digests)."""
-        path = self.root / "parts" / part
         try:
-            recorded = json.loads(digests_path(path).read_text())
-        except FileNotFoundError:
+            recorded = self.recorded_digests(part)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return [f"{part}{DIGESTS_SUFFIX}"]
+        if recorded is None:
             return []  # written by a vidshift that recorded no file digests
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return [digests_path(path).name]
-        actual = file_digests(path)
+        actual = self.files.file_digests(part, recorded)
         return [f"{part}/{name}" if name != "." else part
                 for name in sorted(recorded.keys() | actual.keys()) if recorded.get(name) != actual.get(name)]
 
@@ -464,9 +523,8 @@ class FeatureStore:
         """Bytes on disk of the committed parts (with their digest files)."""
         total = 0
         for name in self.part_names():
-            path = self.root / "parts" / name
-            files = [*(path.rglob("*") if path.is_dir() else [path]), digests_path(path)]
-            total += sum(file.stat().st_size for file in files if file.is_file())
+            digests = self.files.read_bytes(f"parts/{name}{DIGESTS_SUFFIX}")
+            total += self.files.part_bytes(name) + len(digests or b"")
         return total
 
 

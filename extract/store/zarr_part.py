@@ -11,7 +11,10 @@ one shard silently lose data).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +56,18 @@ class ZarrPartWriter:
         payload = np.frombuffer(json.dumps(table).encode(), dtype=np.uint8)
         self.group.create_array("table", shape=payload.shape, dtype="uint8", chunks=payload.shape or (1,),
                                 compressors=COMPRESSORS)[...] = payload
+        with _quiet_consolidation():  # all of the part's metadata in its root zarr.json: one request to open it
+            zarr.consolidate_metadata(self.group.store)
 
     def close(self) -> None:
         pass  # zarr keeps no file open between writes
 
 
 class ZarrPartReader:
-    def __init__(self, path: Path) -> None:
-        self.group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+    def __init__(self, source) -> None:
+        """``source``: a part directory's path, or a zarr store (an ``FsspecStore`` of a remote or packed part)."""
+        with _quiet_consolidation():  # parts written before consolidation open without it
+            self.group = zarr.open_group(store=source, mode="r", zarr_format=3, use_consolidated=None)
 
     def table(self) -> dict:
         return json.loads(self.group["table"][...].tobytes().decode())
@@ -74,3 +81,12 @@ class ZarrPartReader:
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _quiet_consolidation() -> Iterator[None]:
+    """zarr warns that consolidated metadata is not yet in the v3 spec (zarr-specs#309). Readers that ignore
+    it read the arrays' own zarr.json files, which are still written, so nothing depends on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
