@@ -142,7 +142,7 @@ def spatial_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
 
 
 def fit_spatial_model(summaries: Inputs, targets: Tensor, num_classes: int, hidden: int = 512, steps: int = 300,
-                      lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0) -> SpatialModel:
+                      lr: float = 1e-3, weight_decay: float = 0.1, seed: int = 0) -> SpatialModel:
     """The spatial model of eq. 2 (``targets``: teacher logits [V, K]) or eq. 5 (class ids [V]) on step vectors.
 
     Full-batch Adam for ``steps`` steps on inputs standardised with the fitting set's statistics; the init is
