@@ -10,7 +10,8 @@ epoch then draws its batches from the training set and those examples together) 
 training domain's val split and the target evaluation split, under a forked RNG so that evaluation (STDN's random
 tuples) never shifts the training draws. ``metrics.json`` reports the target accuracy at the best val epoch (the
 selection a real DG/DA user can make), at the last epoch, and the oracle (best target epoch; labelled as such: it
-is what TA3N's and APN's official code report).
+is what TA3N's and APN's official code report). After the last epoch it adds the selected model's dynamic score
+(DRL §3, ``pipelines/dynamic_score.py``), computed under a forked RNG so that no training number moves.
 
 A run dir holds ``config.yaml`` (everything needed to repeat it), ``metrics.json``, ``checkpoint.pt`` (last
 epoch: model with the method's added examples, optimisers, CPU and CUDA RNG states; for ``--resume``),
