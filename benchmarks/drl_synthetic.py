@@ -32,11 +32,11 @@ HEADS = ("stdn", "trn", "tempooling")
 METHODS = ("erm", "drl-fast", "drl-aug", "drl-minmax")
 
 
-def mean_se(values: list[float]) -> str:
+def mean_se(values: list[float], spec: str = ".3f") -> str:
     if not values:
         return "-"
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {se:.3f}"
+    return f"{statistics.mean(values):{spec}} ± {se:{spec}}"
 
 
 def main() -> None:
@@ -69,8 +69,8 @@ def main() -> None:
         spatial = [r["epochs"][-1]["spatial_acc"] for r in reports if "spatial_acc" in r["epochs"][-1]]
         cells = [mean_se([r["final"]["src_val_acc_selected"] for r in reports]),
                  mean_se([r["final"]["target_acc_selected"] for r in reports]),
-                 *(mean_se([s["target"][key] for s in score]) for key in ("freeze", "shuffle", "distill")),
-                 mean_se([s["source"]["freeze"] for s in score]), mean_se(spatial)]
+                 *(mean_se([s["target"][key] for s in score], ".1e") for key in ("freeze", "shuffle", "distill")),
+                 mean_se([s["source"]["freeze"] for s in score], ".1e"), mean_se(spatial)]
         lines.append(f"| {head} | {method} | " + " | ".join(cells) + " |")
     dynamic = diagnose_run(first_run, args.out / "store", manifest, workers=0)["dynamic_score"]
     bias = {role: dynamic[role]["static_bias"] for role in ("source", "target")}
