@@ -386,7 +386,8 @@ class SpatialAdversary(DRLMethod):
 
     def video_terms(self, src: LabelledBatch, terms: dict[str, Tensor],
                     logits: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
-        raise NotImplementedError
+        """The terms of θ's step from the clean-batch ``terms`` and f(x) ``logits`` (each subclass's eq.), and logs."""
+        raise NotImplementedError(f"method '{self.name}' defines no video_terms")
 
     def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
         terms, logs, logits = self.clean_terms(src, tgt, progress)
