@@ -11,6 +11,7 @@ from heads.method import (Method, Preset, build, methods, preset, presets_for, r
 # importing a module registers what it defines; architectures first, then the methods over them
 from heads import pooling, trn, stdn  # noqa: F401,E402
 from heads import erm, ta3n, da_baselines, dg_baselines, apn  # noqa: F401,E402
+from heads import drl  # noqa: F401,E402  (after the methods it composes with)
 
 __all__ = ["Architecture", "Encoding", "HeadError", "HParam", "LabelledBatch", "Method", "Preset",
            "UnlabelledBatch", "architectures", "build", "methods", "preset", "presets_for", "register_architecture",

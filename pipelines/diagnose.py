@@ -15,7 +15,10 @@ segment centres, for the
    above it when there is nothing to find) and balanced accuracy (0.5 at chance). Higher loss and accuracy
    nearer 0.5: closer domains. TA3N's Table 9 reports the domain loss of its own discriminators; a post-hoc
    discriminator compares heads with and without discriminators on equal terms.
-3. ``head_measures``: per domain, the method's and the architecture's own measures (``diagnostics(x)``) averaged
+3. ``dynamic_score`` (DRL §3, ``pipelines/dynamic_score.py``): per domain, input modulation (eq. 4: frozen at the
+   first step, shuffled), the distillation score γ (eq. 2) and the dataset's static bias (eq. 5), with spatial
+   students fitted on each domain's train split; ``spatial_transfer``, the source-label student on the target.
+4. ``head_measures``: per domain, the method's and the architecture's own measures (``diagnostics(x)``) averaged
    over videos (over the batches where each is defined, i.e. not NaN).
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from heads.da_baselines import mmd2, squared_distances
 from heads.base import batch_size
 from heads.method import Method
 from pipelines.data import FeatureSet, iterate
+from pipelines.dynamic_score import diagnose_dynamic_score
 from pipelines.evaluate import EVAL_BATCH, load_run
 from pipelines.runs import RunError, select
 
@@ -142,7 +146,8 @@ def diagnose_run(run_dir: Path, store_path: Path, manifest: Path, source: str | 
               "videos": {role: len(f) for role, f in features.items()}, "feature_dim": features["source"].shape[1],
               "mmd": {**median_heuristic_mmd2(features["source"], features["target"]),
                       "kernel": "exp(-d^2 / (2 sigma2)), sigma2 = median squared distance (median heuristic)"},
-              "domain_discriminator": post_hoc_discriminator(features["source"], features["target"], seed)}
+              "domain_discriminator": post_hoc_discriminator(features["source"], features["target"], seed),
+              "dynamic_score": diagnose_dynamic_score(run, entries, domains, split, workers, seed)}
     if any(measures.values()):
         report["head_measures"] = measures
     (Path(run_dir) / "diagnose.json").write_text(json.dumps(report, indent=1))
@@ -173,4 +178,11 @@ def diagnose(run_dir: Path, store_path: Path, manifest: Path, source: str | None
     click.echo(f"{report['source']} vs {report['target']} ({split}, {report['videos']['source']} + "
                f"{report['videos']['target']} videos): MMD² {report['mmd']['mmd2']:.4f}; post-hoc domain "
                f"discriminator loss {discriminator['loss']:.4f} (chance {discriminator['chance_loss']:.4f}), "
-               f"accuracy {discriminator['accuracy']:.3f}; wrote {run_dir}/diagnose.json")
+               f"accuracy {discriminator['accuracy']:.3f}")
+    for role in ("source", "target"):
+        score = report["dynamic_score"][role]
+        bias = score.get("static_bias")
+        click.echo(f"{report[role]} dynamic score (nats): freeze {score['freeze']:.4f}, shuffle {score['shuffle']:.4f}"
+                   + (f", distill {score['distill']:.4f}" if "distill" in score else "")
+                   + (f"; spatial model on labels: accuracy {bias['accuracy']:.3f}" if bias else ""))
+    click.echo(f"wrote {run_dir}/diagnose.json")

@@ -10,7 +10,8 @@ epoch then draws its batches from the training set and those examples together) 
 training domain's val split and the target evaluation split, under a forked RNG so that evaluation (STDN's random
 tuples) never shifts the training draws. ``metrics.json`` reports the target accuracy at the best val epoch (the
 selection a real DG/DA user can make), at the last epoch, and the oracle (best target epoch; labelled as such: it
-is what TA3N's and APN's official code report).
+is what TA3N's and APN's official code report). After the last epoch it adds the selected model's dynamic score
+(DRL §3, ``pipelines/dynamic_score.py``), computed under a forked RNG so that no training number moves.
 
 A run dir holds ``config.yaml`` (everything needed to repeat it), ``metrics.json``, ``checkpoint.pt`` (last
 epoch: model with the method's added examples, optimisers, CPU and CUDA RNG states; for ``--resume``),
@@ -40,6 +41,7 @@ from extract.provenance import software_versions
 from heads.base import LabelledBatch, UnlabelledBatch, cat_inputs, map_inputs
 from heads.method import Method, lookup, missing_parts, PART_NAMES
 from pipelines.data import FUSIONS, TRAIN_SAMPLINGS, FeatureSet, iterate, place_features, target_batch_size
+from pipelines.dynamic_score import run_dynamic_score
 from pipelines.evaluate import accuracy_report, predict
 from pipelines.runs import RunError, RunInputs, load_run_inputs, resolve_device, save_atomic, store_identity
 
@@ -200,7 +202,10 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                      "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(device), "history": history,
                      "epoch": epoch}, checkpoint_path)
         _write_metrics(out, history, config)
-    return _write_metrics(out, history, config)
+    # DRL's dynamic score of the selected model, after the last epoch and under a forked RNG, so no training draw
+    # moves (a few forward passes and two small spatial students: seconds on cached features)
+    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True)["model"])
+    return _write_metrics(out, history, config, run_dynamic_score(model, inputs, config, device))
 
 
 def _training_batches(features: FeatureSet, config: TrainConfig, epoch: int, hp: dict,
@@ -291,7 +296,7 @@ def _is_best(history: list[dict]) -> bool:
     return _selection_key(history[-1]) > max((_selection_key(r) for r in history[:-1]), default=-math.inf)
 
 
-def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
+def _write_metrics(out: Path, history: list[dict], config: TrainConfig, dynamic_score: dict | None = None) -> dict:
     final = {"epochs_run": len(history)}
     if history:
         best = max(history, key=_selection_key)  # max returns the first of ties, as _is_best
@@ -309,6 +314,8 @@ def _write_metrics(out: Path, history: list[dict], config: TrainConfig) -> dict:
     report = {"head": config.head, "method": config.method, "streams": list(config.streams),
               "fusion": config.fusion, "setting": config.setting, "source": config.source, "target": config.target,
               "epochs": history, "final": final}
+    if dynamic_score is not None:
+        report["dynamic_score"] = dynamic_score
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out / "metrics.json")  # readers (dashboards, tests) never see half a file

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -70,12 +71,26 @@ def test_diagnose_run_writes_mmd_discriminator_and_head_measures(ta3n_run):
     assert same_domain["mmd"]["mmd2"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_diagnose_reports_the_dynamic_score_and_each_domains_static_bias(ta3n_run):
+    run, store, manifest = ta3n_run
+    dynamic = diagnose_run(run, store, manifest, workers=0)["dynamic_score"]
+    for role in ("source", "target"):
+        score = dynamic[role]
+        assert score["videos"] == 12 and score["distill_fit_videos"] == 12
+        assert min(score["freeze"], score["shuffle"], score["distill"]) > 0     # TRN reads the order of the steps
+        bias = score["static_bias"]      # eq. 5; each class has its own prototype map: solvable from one step
+        assert bias["accuracy"] > 0.9 and bias["ce"] < bias["chance_ce"] == pytest.approx(math.log(3))
+    assert 0 <= dynamic["spatial_transfer"]["accuracy"] <= 1
+    assert diagnose_run(run, store, manifest, workers=0)["dynamic_score"] == dynamic      # seeded
+
+
 def test_diagnose_command_reports_and_fails_cleanly(ta3n_run):
     run, store, manifest = ta3n_run
     base = [str(run), "--store", str(store), "--manifest", str(manifest)]
     result = CliRunner().invoke(diagnose, base + ["--split", "val", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "src vs tgt (val, 12 + 12 videos): MMD²" in result.output
+    assert "src dynamic score (nats): freeze" in result.output and "spatial model on labels: accuracy" in result.output
     assert json.loads((run / "diagnose.json").read_text())["split"] == "val"
     result = CliRunner().invoke(diagnose, base + ["--target", "elsewhere"])
     assert result.exit_code == 1 and "no videos of domain 'elsewhere' in split 'test'" in result.output
