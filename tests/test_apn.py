@@ -38,6 +38,16 @@ def tiny(arch: str = "apn", method: str = "erm", segments: int = 4, **overrides)
     return heads.build(arch, method, (FEAT,), CLASSES, segments, {k: v for k, v in wanted.items() if k in specs})
 
 
+def plain_sgd_step(model, loss, lr: float) -> None:
+    """θ -= lr ∇loss: what the model's optimiser does under EXACT (no momentum, decay, clipping or schedule)."""
+    model.optimizer.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
 def videos(n: int = 4, segments: int = 4, seed: int = 0) -> LabelledBatch:
     g = torch.Generator().manual_seed(seed)
     return LabelledBatch(torch.rand(n, segments, FEAT, generator=g), torch.randint(CLASSES, (n,), generator=g))
@@ -294,13 +304,8 @@ def test_algorithm_1_steps_on_the_source_then_on_each_copy_at_its_level():
     logs = model.update(src, None, 0.0)
     torch.manual_seed(5)
 
-    def sgd(loss):                                                               # plain SGD, lr 0.1
-        manual.optimizer.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            for p in manual.parameters():
-                if p.grad is not None:
-                    p -= 0.1 * p.grad
+    def sgd(loss):
+        plain_sgd_step(manual, loss, lr=0.1)
 
     sgd(F.cross_entropy(manual.arch(src.x), src.y))                              # line 5
     copies, _ = manual.adversarial_copies(src)                                   # lines 6-12, at the new θ
@@ -320,13 +325,7 @@ def test_joint_update_is_one_step_on_the_level_iii_ce_of_source_and_copies():
     model.update(src, None, 0.0)
     torch.manual_seed(5)
     copies, _ = manual.adversarial_copies(src)
-    loss = F.cross_entropy(manual.arch(torch.cat([src.x, *copies])), src.y.repeat(3))
-    manual.optimizer.zero_grad()
-    loss.backward()
-    with torch.no_grad():
-        for p in manual.parameters():
-            if p.grad is not None:
-                p -= 0.1 * p.grad
+    plain_sgd_step(manual, F.cross_entropy(manual.arch(torch.cat([src.x, *copies])), src.y.repeat(3)), lr=0.1)
     for a, b in zip(model.parameters(), manual.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
