@@ -41,7 +41,7 @@ from heads.architecture import Architecture, Encoding, register_architecture
 from heads.base import (OPTIMIZER_HPARAMS, TRAINER_HPARAMS, HeadError, HParam, Inputs, LabelledBatch, UnlabelledBatch,
                         cat_inputs)
 from heads.common import init_normal_, ordered_tuples
-from heads.dg_baselines import ascend, take
+from heads.ada import ascend, take
 from heads.fusion import LateFusion
 from heads.method import Method, Preset, register_method, register_preset
 from heads.trn import MultiScaleRelation, TemRelation

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -122,6 +123,20 @@ class Method(nn.Module):
     def diagnostics(self, x: Inputs) -> dict[str, float]:
         """The method's and the architecture's own measures on a batch (``vidshift diagnose``)."""
         return self.arch.diagnostics(x)
+
+
+class CountedMethod(Method):
+    """A method that counts its own updates in a buffer, so its schedules (IRM's anneal, ADA's phases) are part of
+    ``state_dict`` and a resumed run continues exactly."""
+
+    def __init__(self, arch: Architecture, hparams: dict):
+        super().__init__(arch, hparams)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def update(self, src: LabelledBatch, tgt: UnlabelledBatch | None, progress: float) -> dict[str, float]:
+        logs = super().update(src, tgt, progress)
+        self.updates += 1
+        return logs
 
 
 def require_target(method: Method, tgt: UnlabelledBatch | None) -> UnlabelledBatch:

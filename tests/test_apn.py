@@ -18,7 +18,7 @@ from heads import HeadError, LabelledBatch
 from heads.apn import (AttentionBlock, MultiHeadAttention, attention_weights, consecutive_windows, hold_local_draws,
                        pyramid_levels, relative_shift, transport_cost)
 from heads.common import ordered_tuples
-from heads.dg_baselines import ascend
+from heads.ada import ascend
 from heads.method import hparam_specs, lookup, resolve_hparams
 from pipelines.cli import list_models, main
 from pipelines.evaluate import ensemble_probabilities

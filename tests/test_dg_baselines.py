@@ -1,5 +1,6 @@
-"""The DG baselines of STDN Table 2 / APN Table 1 (heads/dg_baselines.py): equations on hand-computable inputs,
-then every method on TemPooling, TemRelation and a two-stream late fusion, with exact save/resume."""
+"""The DG baselines of STDN Table 2 / APN Table 1 (heads/mixup.py, irm.py, ada.py, mada.py, cop.py): equations on
+hand-computable inputs, then every method on TemPooling, TemRelation and a two-stream late fusion, with exact
+save/resume."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from heads import HeadError, LabelledBatch, build
-from heads.dg_baselines import (WAE, clip_features, clip_orders, imq_mmd2, irm_penalty, mix_inputs, pooled_inputs,
-                                relaxation, shuffle_clips)
+from heads.cop import clip_features, clip_orders, shuffle_clips
+from heads.irm import irm_penalty
+from heads.mada import WAE, imq_mmd2, pooled_inputs, relaxation
+from heads.mixup import mix_inputs
 from heads.method import hparam_specs, lookup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
