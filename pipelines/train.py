@@ -204,7 +204,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         _write_metrics(out, history, config)
     # DRL's dynamic score of the selected model, after the last epoch and under a forked RNG, so no training draw
     # moves (a few forward passes and two small spatial students: seconds on cached features)
-    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True)["model"])
+    model.load_state_dict(safe_load(out / "best.pt")["model"])   # onto the CPU; the model stays on its device
     return _write_metrics(out, history, config, run_dynamic_score(model, inputs, config, device))
 
 
