@@ -216,12 +216,21 @@ def test_eq6_is_the_mean_of_the_block_over_the_drawn_time_ordered_tuples():
     assert torch.allclose(fast, torch.stack(explicit, dim=1), atol=1e-6)
 
 
-def test_squeeze_excite_on_a_hand_example():
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def hand_squeeze_excite() -> SqueezeExcite:
+    """SE with W1 = (1, 1) and W2 = (1, -1)^T: SE(g) = g * sigmoid((g1 + g2) * (1, -1)) for g >= 0."""
     se = SqueezeExcite(dim=2, hidden=1)
     with torch.no_grad():
         se.gate[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
         se.gate[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
-    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    return se
+
+
+def test_squeeze_excite_on_a_hand_example():
+    se = hand_squeeze_excite()
     # g = (1, 2): W1 g = 3, ReLU 3, W2 -> (3, -3); g * sigmoid(.) = (sigmoid(3), 2 sigmoid(-3))
     assert se(torch.tensor([[1.0, 2.0]]))[0].tolist() == pytest.approx([sigmoid(3), 2 * sigmoid(-3)], rel=1e-6)
 
@@ -255,11 +264,7 @@ def test_official_reduction_sums_the_tuples_and_counts_the_one_n_frame_tuple_num
 
 
 def test_official_reduction_is_not_a_factor_of_num_tuples_through_the_se_gate():
-    se = SqueezeExcite(dim=2, hidden=1)
-    with torch.no_grad():
-        se.gate[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
-        se.gate[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
-    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    se = hand_squeeze_excite()
     g = torch.tensor([[1.0, 2.0]])          # the mean of 3 tuples; the code's sum is 3 g
     # SE(3g) = 3g * sigmoid(W2 ReLU(W1 3g)) = (3 sigmoid(9), 6 sigmoid(-9)), not 3 SE(g) = (3 sigmoid(3), 6 sigmoid(-3))
     assert se(3 * g)[0].tolist() == pytest.approx([3 * sigmoid(9), 6 * sigmoid(-9)], rel=1e-6)
