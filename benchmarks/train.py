@@ -127,7 +127,7 @@ def time_epochs(store: FeatureStore, array: str, feat_shape: tuple[int, ...], pl
     target = FeatureSet(store, target_entries, array, class_index, labelled=False) if adapting else None
 
     started = time.perf_counter()
-    place_features([s for s in (source, target) if s is not None], place, device, budget_bytes=0)
+    place_features([(s, None) for s in (source, target) if s is not None], place, device, budget_bytes=0)
     load_seconds = time.perf_counter() - started if place == "memory" else 0.0
 
     head, batch_size = None, args.batch_size or DATA_ONLY_BATCH

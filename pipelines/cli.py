@@ -282,6 +282,9 @@ def split_streams(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--fusion", type=click.Choice(["late", "early"]), default="late", show_default=True,
               help="Several streams: late (one architecture per stream, logits averaged) or early (features "
                    "concatenated per step).")
+@click.option("--dynamic-score/--no-dynamic-score", default=True, show_default=True,
+              help="DRL's dynamic score of the selected model in metrics.json (fits two small students: at "
+                   "UCF-HMDB size it costs more CPU time than a 30-epoch run of a small head).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 def train(store_path, manifest, head, config_file, assignments, out, resume, **options) -> None:

@@ -98,21 +98,50 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.video_ids)
 
-    def nbytes(self) -> int:
-        """Memory the features take when held whole (stored dtype: float16 maps, float32 pooled)."""
+    def held_steps(self, video: int, centres_of: int | None) -> np.ndarray:
+        """The steps of a video held in memory: every one, or the centres of ``centres_of`` segments."""
+        if centres_of is None:
+            return np.arange(self.n_steps[video])
+        return np.unique(centre_steps(self.n_steps[video], centres_of))
+
+    def nbytes(self, centres_of: int | None = None) -> int:
+        """Memory the features take in memory (stored dtype: float16 maps, float32 pooled): every step, or only
+        the segment centres (``centres_of`` segments) when the run reads nothing else."""
         total = 0
         for stream in self.streams:
             row = self.store.read(self.video_ids[0], self.array, steps=[0], stream=stream)
-            total += int(self.stream_steps[stream].sum()) * row[0].nbytes
+            steps = (self.stream_steps[stream].sum() if centres_of is None else
+                     sum(len(self.held_steps(v, centres_of)) for v in range(len(self))))
+            total += int(steps) * row[0].nbytes
         return total
 
-    def load(self, device: torch.device) -> None:
-        """Hold every step of every video in one tensor per stream on ``device`` (fast random access)."""
+    def load(self, device: torch.device, centres_of: int | None = None) -> None:
+        """Hold the features in one tensor per stream on ``device`` (fast random access by batch plans).
+
+        ``centres_of``: hold only the centre steps of that many segments, all an evaluation set (or training with
+        ``--train-sampling centre``) ever reads. The tensor is allocated once and filled in place, so memory peaks
+        at its size plus one read of up to ``BULK_READ_BYTES``, not twice its size.
+        """
         self._memory = {}
         for stream in self.streams:
-            rows = [self.store.read(vid, self.array, stream=stream) for vid in self.video_ids]
             offsets = np.concatenate([[0], np.cumsum(self.stream_steps[stream])[:-1]])
-            self._memory[stream] = (torch.from_numpy(np.concatenate(rows)).to(device), offsets)
+            held = [self.held_steps(v, centres_of) for v in range(len(self))]
+            first_row = np.concatenate([[0], np.cumsum([len(h) for h in held])[:-1]])
+            row_of = np.full(int(self.stream_steps[stream].sum()), -1, dtype=np.int64)  # -1: step not held
+            for v, steps in enumerate(held):
+                row_of[offsets[v] + steps] = first_row[v] + np.arange(len(steps))
+            sample = self.store.read(self.video_ids[0], self.array, steps=[0], stream=stream)
+            features = torch.empty((int(first_row[-1] + len(held[-1])), *sample.shape[1:]),
+                                   dtype=torch.from_numpy(sample).dtype, device=device)
+            if centres_of is None:
+                for v, rows in self.store.read_videos(self.video_ids, self.array, stream):
+                    kept = rows[:self.n_steps[v]]   # a stream longer than the others (rgb beside flow) is cut
+                    features[first_row[v]:first_row[v] + len(kept)] = torch.from_numpy(kept)
+            else:
+                for v, steps in enumerate(held):
+                    rows = self.store.read(self.video_ids[v], self.array, steps=steps, stream=stream)
+                    features[first_row[v]:first_row[v] + len(rows)] = torch.from_numpy(rows)
+            self._memory[stream] = (features, offsets, row_of)
 
     @property
     def in_memory(self) -> bool:
@@ -121,9 +150,12 @@ class FeatureSet:
     def gather(self, plan: BatchPlan) -> Inputs:
         """Features [B, N, ...] float32 of a plan, from memory (call ``load`` first)."""
         per_stream = {}
-        for stream, (features, offsets) in self._memory.items():
-            index = torch.from_numpy(offsets[plan.videos][:, None] + plan.steps).to(features.device)
-            per_stream[stream] = features[index].float()
+        for stream, (features, offsets, row_of) in self._memory.items():
+            rows = row_of[offsets[plan.videos][:, None] + plan.steps]
+            if (rows < 0).any():
+                raise RuntimeError(f"a batch reads steps the {stream!r} features in memory do not hold (only the "
+                                   f"segment centres were loaded); load every step for random sampling")
+            per_stream[stream] = features[torch.from_numpy(rows).to(features.device)].float()
         return combine_streams(per_stream, self.fusion)
 
     def read(self, video: int, steps: np.ndarray) -> Inputs:
@@ -194,14 +226,19 @@ def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: 
         yield plan, map_inputs(lambda x: x.to(device), batch) if len(plan.videos) else {}
 
 
-def place_features(sets: list[FeatureSet], where: str, device: torch.device, budget_bytes: int) -> str:
-    """Load the sets into memory when ``where`` says so, or, for ``auto``, when together they fit the budget."""
+def place_features(sets: list[tuple[FeatureSet, int | None]], where: str, device: torch.device,
+                   budget_bytes: int) -> str:
+    """Load the sets into memory when ``where`` says so, or, for ``auto``, when together they fit the budget.
+
+    ``sets``: (set, the centres of how many segments the run reads of it, or None for every step); memory holds
+    only what is read.
+    """
     if where not in FEATURE_PLACES:
         raise ValueError(f"features place {where!r}: use one of {', '.join(FEATURE_PLACES)}")
-    total = sum(s.nbytes() for s in sets)
+    total = sum(feature_set.nbytes(centres_of) for feature_set, centres_of in sets)
     if where == "memory" or (where == "auto" and total <= budget_bytes):
-        for feature_set in sets:
-            feature_set.load(device)
+        for feature_set, centres_of in sets:
+            feature_set.load(device, centres_of)
         return f"memory ({total / 2**20:.1f} MiB on {device})"
     return f"streamed from the store ({total / 2**20:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)"
 

@@ -78,8 +78,12 @@ class RunInputs:
     target_train: FeatureSet | None      # unlabelled (da only)
     target_eval: FeatureSet | None
 
-    def feature_sets(self) -> list[FeatureSet]:
-        return [s for s in (self.source_train, self.source_val, self.target_train, self.target_eval) if s]
+    def steps_read(self, train_sampling: str, num_segments: int) -> list[tuple[FeatureSet, int | None]]:
+        """Each set with what a run reads of it: the centres of ``num_segments`` segments (the number), or every
+        step (None: training sets under random sampling). Evaluation only ever reads the centres."""
+        train_reads = num_segments if train_sampling == "centre" else None
+        return [(s, reads) for s, reads in ((self.source_train, train_reads), (self.source_val, num_segments),
+                                            (self.target_train, train_reads), (self.target_eval, num_segments)) if s]
 
 
 def stream_feature_shape(store: FeatureStore, array: str, stream: str) -> tuple[int, ...]:

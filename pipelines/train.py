@@ -71,13 +71,14 @@ class TrainConfig:
     num_segments: int = 5
     train_sampling: str | None = None             # random (TSN) or centre (TA3N's code); None: the preset's, else random
     features: str = "auto"                        # auto | memory | stream
-    memory_budget_gb: float | None = None         # for "auto"; default: half the free (GPU) memory
+    memory_budget_gb: float | None = None         # for "auto"; default: 3/4 of the available (GPU) memory
     device: str = "auto"
     workers: int = 2                              # DataLoader processes when streaming
     eval_split: str | None = None                 # target split to report; default test, else val
     skip_missing: bool = False
     streams: tuple[str, ...] = ("rgb",)
     fusion: str = "late"                          # several streams: late (one architecture each) or early (concat)
+    dynamic_score: bool = True                    # DRL's dynamic score after training (a post-hoc measure)
 
     def as_dict(self) -> dict:
         return {key: (str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value)
@@ -93,17 +94,37 @@ class RunMismatch(RunError):
 
 
 def memory_budget(device: torch.device, gigabytes: float | None) -> int:
-    """Bytes ``--features auto`` may hold in memory: the given budget, else half the free (GPU) memory."""
+    """Bytes ``--features auto`` may hold in memory: the given budget, else 3/4 of the available (GPU) memory.
+
+    On the CPU "available" is the kernel's MemAvailable, which counts the page cache as reclaimable: free memory
+    alone (SC_AVPHYS_PAGES) is a small fraction of it on any machine that has read files, and chose streaming for
+    features that fit many times over.
+    """
     if gigabytes is not None:
         return int(gigabytes * 2**30)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows) or no SC_AVPHYS_PAGES (macOS)
-        log.info("free memory unknown on this OS: in-memory budget %.0f GiB (--memory-budget-gb sets it)",
+        return torch.cuda.mem_get_info(device)[0] * 3 // 4
+    available = available_memory()
+    if available is None:
+        log.info("available memory unknown on this OS: in-memory budget %.0f GiB (--memory-budget-gb sets it)",
                  FALLBACK_BUDGET_GB)
         return int(FALLBACK_BUDGET_GB * 2**30)
+    return available * 3 // 4
+
+
+def available_memory() -> int | None:
+    """The kernel's MemAvailable in bytes (Linux), else free physical memory where the OS reports it, else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows) or no SC_AVPHYS_PAGES (macOS)
+        return None
 
 
 def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict]:
@@ -165,7 +186,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                         overrides)
     model.to(device)
     hp = model.hparams
-    where = place_features(inputs.feature_sets(), config.features, device,
+    where = place_features(inputs.steps_read(config.train_sampling, config.num_segments), config.features, device,
                            memory_budget(device, config.memory_budget_gb))
     log.info("%s on %s (%d parameters), %s, streams %s, features %s", config.method, config.head,
              sum(p.numel() for p in model.parameters()), config.setting, "+".join(config.streams), where)
@@ -204,6 +225,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         _write_metrics(out, history, config)
     # DRL's dynamic score of the selected model, after the last epoch and under a forked RNG, so no training draw
     # moves (a few forward passes and two small spatial students: seconds on cached features)
+    if not config.dynamic_score:
+        return _write_metrics(out, history, config)
     model.load_state_dict(safe_load(out / "best.pt")["model"])   # onto the CPU; the model stays on its device
     return _write_metrics(out, history, config, run_dynamic_score(model, inputs, config, device))
 

@@ -26,6 +26,7 @@ from pipelines.cli import main
 from pipelines.data import centre_steps, random_steps, target_batch_size
 from pipelines.evaluate import accuracy_report, evaluate_run
 from pipelines.runs import RunError
+import pipelines.train as train_module
 from pipelines.train import RunMismatch, TrainConfig, memory_budget, train
 
 FAST = {"epochs": 4, "batch_size": 8, "init_std": 0.0}
@@ -323,7 +324,13 @@ def test_resume_may_move_the_store_and_stream_but_refuses_other_features(feature
               resume=True, show_progress=False)
 
 
-def test_memory_budget_without_os_free_memory(monkeypatch):
+def test_memory_budget_counts_the_page_cache_as_available(monkeypatch):
     assert memory_budget(torch.device("cpu"), 0.5) == 2**29
-    monkeypatch.delattr(os, "sysconf")  # as on Windows
+    available = train_module.available_memory()
+    if os.path.exists("/proc/meminfo"):   # MemAvailable: free memory plus what the kernel can reclaim
+        assert available >= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.9
+    assert memory_budget(torch.device("cpu"), None) == pytest.approx(available * 3 // 4, rel=0.05)  # it moves
+    monkeypatch.setattr(train_module, "available_memory", lambda: None)  # as on an OS that reports neither
     assert memory_budget(torch.device("cpu"), None) == 2 * 2**30
+
+

@@ -68,6 +68,7 @@ class ZarrPartReader:
         """``source``: a part directory's path, or a zarr store (an ``FsspecStore`` of a remote or packed part)."""
         with _quiet_consolidation():  # parts written before consolidation open without it
             self.group = zarr.open_group(store=source, mode="r", zarr_format=3, use_consolidated=None)
+        self.arrays: dict[str, zarr.Array] = {}  # opened once: a lookup costs as much as reading a pooled row
 
     def table(self) -> dict:
         return json.loads(self.group["table"][...].tobytes().decode())
@@ -77,7 +78,10 @@ class ZarrPartReader:
 
     def read(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
         # Slices only: oindex on sharded arrays is 3-7x slower in zarr <= 3.2 (research/store.md §0.3).
-        return self.group[f"{stream}/{name}"][start:stop]
+        key = f"{stream}/{name}"
+        if key not in self.arrays:
+            self.arrays[key] = self.group[key]
+        return self.arrays[key][start:stop]
 
     def close(self) -> None:
         pass
