@@ -116,8 +116,10 @@ def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, fram
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast precision of the backbone (bf16/fp16 on CUDA only).")
-@click.option("--batch-size", default=64, show_default=True, help="Frames per backbone call.")
-@click.option("--workers", default=2, show_default=True, help="Background decode workers.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Frames per backbone call [default: 64 on a GPU, 8 on the CPU].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Background decode workers [default: 2 on a GPU, 1 on the CPU].")
 @click.option("--videos-per-part", default=64, show_default=True, help="Videos per committed part.")
 @click.option("--shard", default="0/1", show_default=True, help="K/N: this process extracts every N-th video.")
 @click.option("--stream", default="rgb", show_default=True, help="Stream name the features are stored under.")

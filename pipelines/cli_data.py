@@ -20,7 +20,7 @@ from data_manifests.multiview import APN_VAL_FRACTION, build_ntu_views, build_pk
 from data_manifests.releases import EPIC100_MODALITIES, Release, epic100_release, read_class_names, ta3n_release
 from data_manifests.ucf_hmdb import (build_ucf_hmdb, build_ucf_hmdb_dg, build_ucf_hmdb_dg_from_lists,
                                      build_ucf_olympic)
-from extract.importers import EXPORT_FORMATS, export_store, import_pooled
+from extract.importers import DEFAULT_JOBS, EXPORT_FORMATS, export_store, import_pooled
 from extract.manifest import SPLITS, read_manifest
 from extract.store import FeatureStore
 
@@ -180,17 +180,20 @@ def store_options(default_stream: str | None):
                                help=stream_help)(command)
         command = click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr",
                                show_default=True)(command)
+        command = click.option("--jobs", type=click.IntRange(min=1), default=DEFAULT_JOBS, show_default=True,
+                               help="Threads loading feature files ahead of the writer.")(command)
         return click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
                             help="Store directory (created, or extended).")(command)
     return decorate
 
 
-def _import(release: Release, out: Path, store_format: str, stream: str, manifest_path: Path | None) -> None:
+def _import(release: Release, out: Path, store_format: str, stream: str, manifest_path: Path | None,
+            jobs: int) -> None:
     """Import, write (or extend) the manifest with the rows of the videos now in the store, report, and exit."""
     if release.missing:
         click.echo(f"{len(release.missing)} listed video(s) not found in your copy, e.g. {release.missing[0]}",
                    err=True)
-    summary = import_pooled(release.sources, out, store_format, stream, release.features, release.part_info)
+    summary = import_pooled(release.sources, out, store_format, stream, release.features, release.part_info, jobs)
     with FeatureStore.open(out) as store:
         stored = store.videos(stream)
     path = manifest_path or out / "manifest.csv"
@@ -222,10 +225,10 @@ def _parse_list_spec(spec: str) -> tuple[str, str, Path]:
                    f"[default: the id itself].")
 @store_options("rgb")
 def import_ta3n(release: Path, list_specs: tuple[str, ...], classes: str | None, out: Path, store_format: str,
-                stream: str, manifest_path: Path | None) -> None:
+                stream: str, manifest_path: Path | None, jobs: int) -> None:
     """TA3N's released features (RELEASE/.../<video>/img_00001.t7): one step per frame, pooled only."""
     lists = [_parse_list_spec(spec) for spec in list_specs]
-    _import(ta3n_release(release, lists, read_class_names(classes)), out, store_format, stream, manifest_path)
+    _import(ta3n_release(release, lists, read_class_names(classes)), out, store_format, stream, manifest_path, jobs)
 
 
 @import_.command("epic100")
@@ -239,10 +242,10 @@ def import_ta3n(release: Path, list_specs: tuple[str, ...], classes: str | None,
 @store_options(None)
 def import_epic100(features_file: Path, modality: str, domain: str, split: str, labels: Path | None,
                    label_column: str, out: Path, store_format: str, stream: str | None,
-                   manifest_path: Path | None) -> None:
+                   manifest_path: Path | None, jobs: int) -> None:
     """EPIC-KITCHENS-100 UDA features (a pickle of features[modality] [N, 25, C] and narration_ids)."""
     release = epic100_release(features_file, modality, domain, split, labels, label_column)
-    _import(release, out, store_format, stream or modality.lower(), manifest_path)
+    _import(release, out, store_format, stream or modality.lower(), manifest_path, jobs)
 
 
 @click.command("export")

@@ -80,7 +80,7 @@ class FeatureSet:
             raise ValueError("a feature set needs at least one video")
         self.store, self.array, self.streams, self.fusion = store, array, tuple(streams), fusion
         self.video_ids = [entry.video_id for entry in entries]
-        steps_per_stream = []
+        steps_per_stream, self.records = [], {}
         for stream in self.streams:
             records = store.videos(stream)
             missing = [vid for vid in self.video_ids if vid not in records]
@@ -89,7 +89,8 @@ class FeatureSet:
                                  f"{entries[0].split!r} are not in stream {stream!r} of the store {store.root} (e.g. "
                                  f"{', '.join(missing[:3])}); extract them (`vidshift extract` resumes), check "
                                  f"`vidshift store info` for failures, or pass --skip-missing to train without them")
-            steps_per_stream.append(np.array([records[vid].n_steps for vid in self.video_ids]))
+            self.records[stream] = [records[vid] for vid in self.video_ids]
+            steps_per_stream.append(np.array([record.n_steps for record in self.records[stream]]))
         self.stream_steps = dict(zip(self.streams, steps_per_stream))   # each stream's own length, for offsets
         self.n_steps = np.min(steps_per_stream, axis=0)                  # the range every stream has
         self.labels = torch.tensor([class_index[entry.label] for entry in entries]) if labelled else None
@@ -109,7 +110,7 @@ class FeatureSet:
         the segment centres (``centres_of`` segments) when the run reads nothing else."""
         total = 0
         for stream in self.streams:
-            row = self.store.read(self.video_ids[0], self.array, steps=[0], stream=stream)
+            row = self.store.read_record(self.records[stream][0], self.array, steps=[0])
             steps = (self.stream_steps[stream].sum() if centres_of is None else
                      sum(len(self.held_steps(v, centres_of)) for v in range(len(self))))
             total += int(steps) * row[0].nbytes
@@ -130,16 +131,16 @@ class FeatureSet:
             row_of = np.full(int(self.stream_steps[stream].sum()), -1, dtype=np.int64)  # -1: step not held
             for v, steps in enumerate(held):
                 row_of[offsets[v] + steps] = first_row[v] + np.arange(len(steps))
-            sample = self.store.read(self.video_ids[0], self.array, steps=[0], stream=stream)
+            sample = self.store.read_record(self.records[stream][0], self.array, steps=[0])
             features = torch.empty((int(first_row[-1] + len(held[-1])), *sample.shape[1:]),
                                    dtype=torch.from_numpy(sample).dtype, device=device)
             if centres_of is None:
-                for v, rows in self.store.read_videos(self.video_ids, self.array, stream):
+                for v, rows in self.store.read_videos(self.records[stream], self.array):
                     kept = rows[:self.n_steps[v]]   # a stream longer than the others (rgb beside flow) is cut
                     features[first_row[v]:first_row[v] + len(kept)] = torch.from_numpy(kept)
             else:
                 for v, steps in enumerate(held):
-                    rows = self.store.read(self.video_ids[v], self.array, steps=steps, stream=stream)
+                    rows = self.store.read_record(self.records[stream][v], self.array, steps=steps)
                     features[first_row[v]:first_row[v] + len(rows)] = torch.from_numpy(rows)
             self._memory[stream] = (features, offsets, row_of)
 
@@ -159,8 +160,8 @@ class FeatureSet:
         return combine_streams(per_stream, self.fusion)
 
     def read(self, video: int, steps: np.ndarray) -> Inputs:
-        return combine_streams({stream: torch.from_numpy(self.store.read(self.video_ids[video], self.array,
-                                                                         steps=steps, stream=stream)).float()
+        return combine_streams({stream: torch.from_numpy(self.store.read_record(self.records[stream][video],
+                                                                                self.array, steps)).float()
                                 for stream in self.streams}, self.fusion)
 
     def eval_plans(self, num_segments: int, batch_size: int, order: np.ndarray | None = None) -> list[BatchPlan]:

@@ -311,3 +311,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, backend):
     for video_id in uninterrupted.videos():
         for array in ("maps", "pooled", "steps"):
             np.testing.assert_array_equal(resumed.read(video_id, array), uninterrupted.read(video_id, array))
+
+
+def test_batch_and_decoders_default_per_device_and_explicit_values_win():
+    from extract.run import ExtractConfig, device_defaults
+    config = ExtractConfig(manifest=Path("m.csv"), root=Path("."), out=Path("s"))
+    assert device_defaults(config, torch.device("cpu")) == (8, 1)
+    assert device_defaults(config, torch.device("cuda")) == (64, 2)
+    assert device_defaults(replace(config, batch_size=3, workers=4), torch.device("cpu")) == (3, 4)

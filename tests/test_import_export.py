@@ -107,6 +107,22 @@ def test_ta3n_t7_import_round_trip_refusals_manifest_and_resume(ta3n_release, tm
     assert set(FeatureStore.open(out).videos()) == set(features) and len(read_manifest(out / "manifest.csv")) == 3
 
 
+def test_parallel_import_writes_the_same_store_as_one_loader(ta3n_release, tmp_path):
+    release, specs, _ = ta3n_release
+    identities, failures = [], []
+    for jobs in (1, 4):
+        out = tmp_path / f"store{jobs}"
+        result = CliRunner().invoke(import_, ["ta3n", str(release), *specs, "--out", str(out), "--jobs", str(jobs)])
+        assert result.exit_code == 2, result.output  # the broken videos are recorded failures either way
+        with FeatureStore.open(out) as store:
+            identities.append(store_identity(store, ("rgb",))["features_sha256"])
+            failures.append(sorted(f["video_id"] for f in store.failures()))
+            assert [r.video_id for r in sorted(store.videos().values(), key=lambda r: r.offset)] == \
+                ["ucf/v_Archery_g08_c01", "ucf/v_Fencing_g01_c02", "hmdb/Sword_fencing_f_cm_np1_le_bad_1"]
+    assert identities[0] == identities[1] and failures[0] == failures[1] == \
+        ["hmdb/bad_dict", "hmdb/bad_object", "hmdb/bad_parameter"]
+
+
 # EPIC_100_uda_source_train.pkl-style annotations, pickled by pandas 2.2.3 (protocol 5), narration_id as the index:
 # P01_01_0 frames 1-50 take(0); P01_01_1 frames 101-150 open(3); P02_03_7 frames 51-75 take(0).
 EPIC100_LABELS_PANDAS2 = """

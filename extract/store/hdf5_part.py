@@ -108,10 +108,17 @@ class Hdf5PartReader:
 
     def read(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
         # Slices only: list indexing of a chunked dataset is ~100x slower (research/store.md §0.3).
+        return self._dataset(stream, name)[start:stop]
+
+    def row_nbytes(self, stream: str, name: str) -> int:
+        dataset = self._dataset(stream, name)
+        return dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))
+
+    def _dataset(self, stream: str, name: str) -> h5py.Dataset:
         key = f"{stream}/{name}"
         if key not in self.datasets:
             self.datasets[key] = self.file[key]
-        return self.datasets[key][start:stop]
+        return self.datasets[key]
 
     def close(self) -> None:
         self.file.close()

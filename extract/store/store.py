@@ -43,6 +43,7 @@ BACKENDS = {"zarr": (zarr_part.SUFFIX, zarr_part.ZarrPartWriter, zarr_part.ZarrP
             "hdf5": (hdf5_part.SUFFIX, hdf5_part.Hdf5PartWriter, hdf5_part.Hdf5PartReader)}
 DEFAULT_STREAM = "rgb"
 VERIFY_BLOCK_STEPS = 256  # bounded memory when re-reading long videos
+COALESCE_BYTES = 256 * 2**10  # read the rows between two wanted steps when they are fewer bytes than this
 BULK_READ_BYTES = 64 * 2**20  # one backend call of read_videos: few calls (zarr pays ~1 ms each), small temporaries
 # What zarr, numcodecs and h5py raise on damaged files, by the kind of damage (a failed checksum, a broken
 # metadata document, a truncated file...); read errors of these types are reported as a damaged store.
@@ -342,29 +343,38 @@ class FeatureStore:
         """``maps`` [T, H, W, C], ``pooled`` [T, C] or ``steps`` [T, 2] of a video; ``steps`` selects time steps.
 
         Chosen steps are read as contiguous runs of slices (never fancy indexing, which is 10-100x slower on
-        chunked zarr/HDF5 arrays) and returned in the order asked, repeats allowed.
+        chunked zarr/HDF5 arrays) and returned in the order asked, repeats allowed. Runs less than COALESCE_BYTES
+        apart are read as one slice: a backend call costs ~1 ms in zarr (research/store.md §0.2), more than
+        decoding the pooled rows between TSN segments (5 steps of a 100-step video: one call instead of five).
         """
-        record = self.video(video_id, stream)
+        return self.read_record(self.video(video_id, stream), array, steps)
+
+    def read_record(self, record: VideoRecord, array: str = "pooled",
+                    steps: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """:meth:`read` of a video whose record (:meth:`videos`) the caller holds: a reader of many batches looks
+        its videos up once, not the index on every read (which lists the parts to notice new ones)."""
         if steps is None:
             return self._read_rows(record, array, 0, record.n_steps)
         wanted = np.asarray(steps, dtype=np.int64).reshape(-1)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= record.n_steps):
-            raise IndexError(f"{video_id}: steps {wanted.tolist()} outside [0, {record.n_steps})")
+            raise IndexError(f"{record.video_id}: steps {wanted.tolist()} outside [0, {record.n_steps})")
         unique = np.unique(wanted)
-        runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if unique.size else []
-        blocks = [self._read_rows(record, array, run[0], run[-1] + 1) for run in runs]
-        if not blocks:
+        if not unique.size:
             return self._read_rows(record, array, 0, 0)
-        return np.concatenate(blocks)[np.searchsorted(unique, wanted)]
+        gap_rows = COALESCE_BYTES // self._row_nbytes(record, array)
+        runs = np.split(unique, np.flatnonzero(np.diff(unique) > gap_rows + 1) + 1)
+        blocks = [self._read_rows(record, array, run[0], run[-1] + 1) for run in runs]
+        return np.concatenate(blocks)[np.searchsorted(np.concatenate([np.arange(r[0], r[-1] + 1) for r in runs]),
+                                                      wanted)]
 
-    def read_videos(self, video_ids: Sequence[str], array: str = "pooled",
-                    stream: str = DEFAULT_STREAM) -> Iterator[tuple[int, np.ndarray]]:
-        """Every step of many videos, as (position in ``video_ids``, rows), in storage order, not in the order asked.
+    def read_videos(self, records: Sequence[VideoRecord], array: str = "pooled") -> Iterator[tuple[int, np.ndarray]]:
+        """Every step of many videos (their records), as (position in ``records``, rows), in storage order, not
+        in the order given.
 
         For loading a whole split: videos stored next to each other in a part are read as one slice of up to
         BULK_READ_BYTES, so the cost is the bytes, not a backend call per video.
         """
-        records = sorted(((self.video(vid, stream), i) for i, vid in enumerate(video_ids)),
+        records = sorted(((record, i) for i, record in enumerate(records)),
                          key=lambda pair: (pair[0].part, pair[0].offset))
         row_bytes = self._read_rows(records[0][0], array, 0, 1)[0].nbytes if records else 1
         rows_per_call = max(1, BULK_READ_BYTES // row_bytes)
@@ -397,6 +407,12 @@ class FeatureStore:
             raise StoreError(f"{self.root}: stream {record.stream!r} has no {array!r} array (features imported "
                              f"from a pooled-only release have no maps); use a head that reads 'pooled' or re-extract")
         return rows
+
+    def _row_nbytes(self, record: VideoRecord, array: str) -> int:
+        try:
+            return self._reader(record.part).row_nbytes(record.stream, array)
+        except BACKEND_READ_ERRORS:
+            return COALESCE_BYTES + 1  # no coalescing; the read itself then reports what is wrong
 
     def _reader(self, part: str):
         if part not in self._readers:

@@ -78,10 +78,17 @@ class ZarrPartReader:
 
     def read(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
         # Slices only: oindex on sharded arrays is 3-7x slower in zarr <= 3.2 (research/store.md §0.3).
+        return self._array(stream, name)[start:stop]
+
+    def row_nbytes(self, stream: str, name: str) -> int:
+        array = self._array(stream, name)
+        return array.dtype.itemsize * int(np.prod(array.shape[1:]))
+
+    def _array(self, stream: str, name: str) -> zarr.Array:
         key = f"{stream}/{name}"
         if key not in self.arrays:
             self.arrays[key] = self.group[key]
-        return self.arrays[key][start:stop]
+        return self.arrays[key]
 
     def close(self) -> None:
         pass

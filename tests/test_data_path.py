@@ -1,0 +1,91 @@
+"""The read paths of stage two: bulk loading, coalesced step reads, and holding only the steps a run reads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import extract.store.store as store_module
+from extract.manifest import read_manifest
+from extract.store import BACKENDS, FeatureStore
+from pipelines.data import FeatureSet, centre_steps, place_features
+from pipelines.runs import select
+from tests.conftest import make_feature_store
+from tests.test_store import provenance, random_maps, write_part
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=BACKENDS)
+def two_part_store(request, tmp_path):
+    """Two committed parts of videos 3-9 steps long (so reads cross shard and chunk boundaries)."""
+    store = FeatureStore.create_or_open(tmp_path / "store", request.param, "rgb", provenance())
+    rng = np.random.default_rng(0)
+    lengths = [3, 9, 5, 7, 4, 8]
+    videos = [{f"p{p}v{i}": random_maps(rng, n) for i, n in enumerate(lengths[p * 3:p * 3 + 3])} for p in range(2)]
+    for part in videos:
+        write_part(store, part)
+    store.rebuild_index()
+    return store, {vid: maps for part in videos for vid, maps in part.items()}
+
+
+@pytest.mark.parametrize("bulk_bytes", [1, 10**9])
+def test_read_videos_gives_every_video_whole_whatever_the_call_size(two_part_store, monkeypatch, bulk_bytes):
+    store, videos = two_part_store
+    monkeypatch.setattr(store_module, "BULK_READ_BYTES", bulk_bytes)  # one call per video, or one per part
+    asked = ["p1v2", "p0v0", "p1v0", "p0v2", "p0v1"]                   # an order unlike the storage order
+    records = [store.video(vid) for vid in asked]
+    seen = {}
+    for position, rows in store.read_videos(records, "maps"):
+        seen[asked[position]] = rows
+    assert sorted(seen) == sorted(asked)
+    for vid in asked:
+        np.testing.assert_array_equal(seen[vid], store.read(vid, "maps"))
+        np.testing.assert_array_equal(seen[vid], videos[vid].astype(np.float16))
+
+
+@pytest.mark.parametrize("coalesce_bytes", [0, 10**9])
+def test_chosen_steps_come_back_in_the_order_asked_whether_or_not_gaps_are_read(two_part_store, monkeypatch,
+                                                                                 coalesce_bytes):
+    store, _ = two_part_store
+    monkeypatch.setattr(store_module, "COALESCE_BYTES", coalesce_bytes)  # five slices, or one spanning them
+    whole = store.read("p0v1", "maps")
+    steps = [7, 0, 3, 3, 8, 1]                                           # unsorted, a repeat, gaps of 1 and 2
+    np.testing.assert_array_equal(store.read("p0v1", "maps", steps=steps), whole[steps])
+    np.testing.assert_array_equal(store.read("p0v1", "pooled", steps=[2]), store.read("p0v1", "pooled")[[2]])
+
+
+def test_evaluation_sets_hold_only_their_segment_centres(tmp_path):
+    store_dir, manifest = make_feature_store(tmp_path, steps=12)
+    store = FeatureStore.open(store_dir)
+    entries = select(read_manifest(manifest), "src", "val")
+    full = FeatureSet(store, entries, "maps", {"a": 0, "b": 1, "c": 2})
+    centres = FeatureSet(store, entries, "maps", {"a": 0, "b": 1, "c": 2})
+    place_features([(full, None), (centres, 3)], "memory", torch.device("cpu"), budget_bytes=0)
+    row_bytes = 2 * 2 * 8 * 2                                          # a 2x2x8 float16 map
+    assert full.nbytes() == len(entries) * 12 * row_bytes
+    assert centres.nbytes(3) == len(entries) * 3 * row_bytes           # 3 of 12 steps: a quarter of the memory
+    assert centres._memory["rgb"][0].shape[0] == len(entries) * 3
+    plan = centres.eval_plans(num_segments=3, batch_size=len(entries))[0]
+    assert plan.steps[0].tolist() == centre_steps(12, 3).tolist() == [2, 6, 10]
+    streamed = torch.stack([centres.read(v, s) for v, s in zip(plan.videos, plan.steps)])
+    assert torch.equal(centres.gather(plan), streamed) and torch.equal(full.gather(plan), streamed)
+    random_plan = centres.epoch_plans(3, 4, 1, "random", torch.Generator().manual_seed(1))[0]
+    with pytest.raises(RuntimeError, match="only the segment centres were loaded"):
+        centres.gather(random_plan)
+    assert torch.equal(full.gather(random_plan),
+                       torch.stack([full.read(v, s) for v, s in zip(random_plan.videos, random_plan.steps)]))
+
+
+def test_a_run_holds_only_the_centres_of_every_set_under_centre_sampling(tmp_path):
+    from pipelines.runs import load_run_inputs
+    from pipelines.train import TrainConfig
+    store_dir, manifest = make_feature_store(tmp_path, steps=12)
+    config = TrainConfig(store=store_dir, manifest=manifest, head="tempooling", source="src", target="tgt",
+                         setting="da", out=tmp_path / "run")
+    inputs = load_run_inputs(config, "maps")
+    random_reads = dict((id(s), n) for s, n in inputs.steps_read("random", 5))
+    centre_reads = dict((id(s), n) for s, n in inputs.steps_read("centre", 5))
+    assert random_reads == {id(inputs.source_train): None, id(inputs.source_val): 5,
+                            id(inputs.target_train): None, id(inputs.target_eval): 5}
+    assert set(centre_reads.values()) == {5}
