@@ -54,9 +54,7 @@ class ClipWindows:
 
     def as_dict(self) -> dict:
         return {"length": self.length, "stride": self.stride,
-                "windows": "starts 0, stride, 2*stride, ...; a last window ending at the last frame when frames "
-                           "after the last full one would be left out; a video shorter than one window is padded "
-                           "by repeating its last frame"}
+                "policy": "tail window ends at the last frame; shorter videos padded with their last frame"}
 
 
 class ClipBackbone(Backbone):
