@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.models import optical_flow
 
-from .backbones import load_weights, read_state_dict, seeded, state_dict_sha256, torchvision_state_dict
+from .weights import load_weights, read_state_dict, seeded, state_dict_sha256, torchvision_state_dict
 
 BOUND_PX = 20.0
 RAFT_ITERATIONS = 12

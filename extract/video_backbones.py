@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torchvision import models
 
-from .backbones import (RESNETS, Backbone, Preprocess, WeightsUnavailable, cut_after, load_weights, read_state_dict,
-                        register_backbone, resnet_identity, resnet_weights, seeded, torchvision_state_dict)
+from .backbones import RESNETS, Backbone, Preprocess, cut_after, register_backbone, resnet_identity, resnet_weights
 from .clips import ClipBackbone, ClipWindows, FlowBackbone
 from .flow import build_flow
 from .i3d import InceptionI3d
 from .inflate import ResNet3d50, cross_modality, inflate_2d_state_dict
+from .weights import WeightsUnavailable, load_weights, read_state_dict, seeded, torchvision_state_dict
 
 I3D_CLIP, I3D_R50_CLIP, TSN_FLOW_STACK = 64, 32, 5
 I3D_FILES = ("pytorch-i3d's models/rgb_imagenet.pt or rgb_charades.pt (RGB), flow_imagenet.pt or flow_charades.pt "
