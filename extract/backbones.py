@@ -125,7 +125,7 @@ class Backbone:
         """Network input -> maps [n, C, h, w]."""
         return self.model(x)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def run_network(self, x: torch.Tensor) -> torch.Tensor:
         """Network input on the device -> float32 maps [n, h, w, C] on the CPU, under the configured autocast."""
         autocast_dtype = AUTOCAST_DTYPES[self.precision]
         autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype
@@ -142,7 +142,7 @@ class Backbone:
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 RGB frames [n, H, W, 3] -> float32 maps [n, h, w, C] on the CPU (n steps: one per frame here)."""
-        return self._run(self.prepare(frames))
+        return self.run_network(self.prepare(frames))
 
     def steps(self, frame_indices: np.ndarray) -> np.ndarray:
         """int32 [n_steps, 2]: first and last source frame of each step (consecutive windows of frames_per_step)."""

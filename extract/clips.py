@@ -94,14 +94,17 @@ class ClipBackbone(Backbone):
         """The item that pads a window past the video's end: the last frame again."""
         return last
 
-    def __call__(self, clips: np.ndarray) -> torch.Tensor:
-        """uint8 RGB clips [B, F, H, W, 3] (F = frames_per_step) -> float32 maps [B, h, w, C] on the CPU."""
+    def clip_input(self, clips: np.ndarray) -> torch.Tensor:
+        """uint8 RGB clips [B, F, H, W, 3] (F = frames_per_step) -> network input [B, L, C, s, s] on the device."""
         if not (isinstance(clips, np.ndarray) and clips.ndim == 5 and clips.shape[1] == self.frames_per_step):
             got = clips.shape if isinstance(clips, np.ndarray) else type(clips)
             raise ValueError(f"{self.name}: expected uint8 clips shaped [B, {self.frames_per_step}, H, W, 3], "
                              f"got {got}")
-        windows = [torch.cat(list(self._items([(np.arange(len(clip)), clip)]))) for clip in clips]
-        return self._run(torch.stack(windows))
+        return torch.stack([torch.cat(list(self._items([(np.arange(len(clip)), clip)]))) for clip in clips])
+
+    def __call__(self, clips: np.ndarray) -> torch.Tensor:
+        """uint8 RGB clips [B, F, H, W, 3] (F = frames_per_step) -> float32 maps [B, h, w, C] on the CPU."""
+        return self.run_network(self.clip_input(clips))
 
     def video_steps(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], indices: np.ndarray,
                     batch_size: int) -> Iterator[StepBatch]:
@@ -135,7 +138,7 @@ class ClipBackbone(Backbone):
                                    indices[min(min(stop, items) + self.ITEM_FRAMES - 2, frames - 1)]]
                                   for start, stop in chunk], dtype=np.int32)
                 padded = sum(stop - max(min(stop, items), start) for start, stop in chunk)
-                yield StepBatch(steps, self._run(torch.stack([window(*w) for w in chunk])), padded)
+                yield StepBatch(steps, self.run_network(torch.stack([window(*w) for w in chunk])), padded)
 
         for new_items in self._items(batches):
             buffer = new_items if buffer is None else torch.cat([buffer, new_items])
