@@ -130,7 +130,8 @@ def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, fram
 @click.option("--fps", type=float, default=None, help="Frame rate of frame directories (videos carry their own).")
 @click.option("--clip-length", type=int, default=None,
               help="Clip backbones (i3d, i3d-r50, --flow stacks): frames per time step [default: the backbone's].")
-@click.option("--clip-stride", type=int, default=None, help="Hop between clips, in sampled frames [default: clip length].")
+@click.option("--clip-stride", type=int, default=None,
+              help="Hop between clips, in sampled frames [default: clip length].")
 @click.option("--flow", type=click.Choice(FLOW_METHODS), default=None,
               help="Feed optical flow between consecutive sampled frames to the backbone (with --stream flow).")
 @click.option("--flow-weights", default="default", show_default=True,
