@@ -46,7 +46,9 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from extract.backbones import Backbone, Preprocess, available_backbones, build_backbone  # noqa: E402
+from extract.clips import ClipBackbone, FlowBackbone  # noqa: E402
 from extract.decode import DecodeJob, Sampling, open_source, prefetch  # noqa: E402
+from extract.flow import FLOW_METHODS  # noqa: E402
 from extract.run import ExtractConfig, run_extract  # noqa: E402
 from extract.store import BACKENDS, DEFAULT_STREAM, FeatureStore  # noqa: E402
 from extract.store.summary import store_summary  # noqa: E402
@@ -123,16 +125,33 @@ def measure_decode(video_paths: list[Path], batch_size: int, workers: int) -> tu
     return frames, time.perf_counter() - started
 
 
-def measure_backbone(backbone: Backbone, batch: np.ndarray, total_frames: int) -> tuple[int, float, float]:
-    """(frames, seconds, peak |activation|) of the backbone alone on a repeated pre-decoded batch."""
-    peak = float(backbone(batch).abs().max())  # warm-up: allocator, cuDNN autotuning, lazy initialisation
-    calls = max(1, round(total_frames / len(batch)))
-    synchronize(backbone.device)
+def backbone_batch(backbone: Backbone, frames: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+    """What one network call of the pipeline takes, from one video's decoded frames, and how many frames it covers.
+
+    A per-frame backbone: --batch-size frames (or the whole video when shorter). A clip backbone: --batch-size //
+    clip length windows (at least one), each of frames_per_step frames (flow: one more than the clip length),
+    hopping by the clip length, so that each window covers clip-length new frames.
+    """
+    if not isinstance(backbone, ClipBackbone):
+        batch = frames[:batch_size]
+        return batch, len(batch)
+    length, span = backbone.clip.length, backbone.frames_per_step
+    if len(frames) < span:
+        raise SystemExit(f"--frames-per-video {len(frames)}: a {backbone.name} clip needs {span} frames")
+    windows = min(max(1, batch_size // length), (len(frames) - span) // length + 1)
+    return np.stack([frames[w * length:w * length + span] for w in range(windows)]), windows * length
+
+
+def measure(call, argument, frames_per_call: int, total_frames: int, device: torch.device) -> tuple[int, float, float]:
+    """(frames, seconds, peak |output|) of ``call(argument)`` repeated until it has seen ``total_frames``."""
+    peak = float(call(argument).abs().max())  # warm-up: allocator, cuDNN autotuning, lazy initialisation
+    calls = max(1, round(total_frames / frames_per_call))
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(calls):
-        backbone(batch)
-    synchronize(backbone.device)
-    return calls * len(batch), time.perf_counter() - started, peak
+        call(argument)
+    synchronize(device)
+    return calls * frames_per_call, time.perf_counter() - started, peak
 
 
 def synchronize(device: torch.device) -> None:
@@ -198,6 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float16", "float32"),
                         help="store dtype; auto: float16 unless the backbone's activations come near its range")
+    parser.add_argument("--clip-length", type=int, help="clip backbones: frames per step [default: the backbone's]")
+    parser.add_argument("--flow", choices=FLOW_METHODS, help="feed optical flow (this method) to the backbone")
+    parser.add_argument("--flow-weights", default="none", help="RAFT weights: none (seeded random init), default "
+                                                               "(torchvision's enum) or a state-dict path")
     parser.add_argument("--frame-size", type=int, default=224, help="centre-crop side fed to the backbone")
     parser.add_argument("--batch-size", type=int, default=64, help="frames per decode batch and backbone call")
     parser.add_argument("--workers", type=int, default=2, help="decode threads (decode only and full pipeline)")
@@ -260,15 +283,25 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
                     note=f"{args.width}x{args.height} H.264, fastest of {DECODE_PASSES} passes"))
 
     resize = round(args.frame_size * 256 / 224)  # ImageNet's 256/224 ratio, as `vidshift extract` uses
+    flow_weights = args.flow_weights if args.flow in ("raft-small", "raft-large") else "default"
     backbone = build_backbone(args.backbone, args.weights, Preprocess(args.frame_size, resize), args.device,
-                              args.precision)
+                              args.precision, clip_length=args.clip_length, flow=args.flow, flow_weights=flow_weights)
     source = open_source(video_paths[0])
-    batch = source.read(np.arange(min(args.batch_size, args.frames_per_video)))
+    batch, frames_per_call = backbone_batch(backbone, source.read(np.arange(args.frames_per_video)), args.batch_size)
     source.close()
-    try:
-        frames, seconds_before, peak = measure_backbone(backbone, batch, total_frames)
-    except ValueError as error:  # fp16 autocast overflowing inside a random deep net: the message says what to use
-        raise SystemExit(f"backbone only: {error}") from error
+    # The ceiling is the network alone: for flow, on the flow input computed once beforehand (a "flow only" row
+    # and a "flow + backbone" row then show what computing flow costs); otherwise on the uint8 frames, as before.
+    network, network_input = ((backbone.run_network, backbone.clip_input(batch)) if isinstance(backbone, FlowBackbone)
+                              else (backbone, batch))
+    device = backbone.device
+
+    def measure_network() -> tuple[int, float, float]:
+        try:
+            return measure(network, network_input, frames_per_call, total_frames, device)
+        except ValueError as error:  # fp16 autocast overflowing inside a random deep net: the message says what to use
+            raise SystemExit(f"backbone only: {error}") from error
+
+    frames, seconds_before, peak = measure_network()
     dtype = choose_dtype(args.dtype, peak)
     map_shape = backbone.map_shape()
 
@@ -277,26 +310,37 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
         config = ExtractConfig(manifest=manifest, root=work, out=work / f"pipeline-{backend}", format=backend,
                                backbone=args.backbone, weights=args.weights, frame_size=args.frame_size,
                                resize=resize, dtype=dtype, device=args.device, precision=args.precision,
-                               batch_size=args.batch_size, workers=args.workers)
+                               batch_size=args.batch_size, workers=args.workers, clip_length=args.clip_length,
+                               flow=args.flow, flow_weights=flow_weights, stream="flow" if args.flow else "rgb")
         pipelines[backend] = run_extract(config, show_progress=False)
 
     # Measured again after the pipeline runs: the faster of the two is the ceiling, so that a burst of other load
     # during one measurement does not make the pipeline look faster than the network alone.
-    _, seconds_after, _ = measure_backbone(backbone, batch, total_frames)
+    _, seconds_after, _ = measure_network()
     seconds = min(seconds_before, seconds_after)
     ceiling = frames / seconds
     setup = f"{backbone.device.type} {backbone.precision}, batch {len(batch)}"
+    if isinstance(backbone, ClipBackbone):
+        setup += f" clips of {backbone.clip.length}"
     rows.append(Row(f"backbone only ({args.backbone}, {setup})", f"{frames} frames", seconds,
                     f"{ceiling:.1f} frames/s", "1.00",
                     f"faster of {frames / seconds_before:.1f} (before) and {frames / seconds_after:.1f} (after "
                     f"the pipeline runs); peak activation {peak:.3g}"))
+    if isinstance(backbone, FlowBackbone):
+        for what, call in ((f"flow only ({args.flow})", backbone.clip_input),
+                           (f"flow + backbone ({args.flow}, {args.backbone})", backbone)):
+            flow_frames, flow_seconds, _ = measure(call, batch, frames_per_call, total_frames, backbone.device)
+            rate = flow_frames / flow_seconds
+            rows.append(Row(what, f"{flow_frames} frames", flow_seconds, f"{rate:.1f} frames/s",
+                            f"{rate / ceiling:.2f}", "resize, flow, crop, scale" if call != backbone else ""))
     for backend, summary in pipelines.items():
         rate = summary.frames / summary.seconds
         failed = (f"{len(summary.failures)} of {args.videos} videos FAILED, e.g. {summary.failures[0]['reason'][:90]}"
                   if summary.failures else "")
         rows.append(Row(f"full pipeline, {backend} (run_extract)", f"{summary.frames} frames", summary.seconds,
                         f"{rate:.1f} frames/s", f"{rate / ceiling:.2f}", failed))
-    setup_line = (f"{args.backbone} weights={args.weights} on {setup}, frame size {args.frame_size}, maps "
+    flow_setup = f", flow {args.flow} (weights {flow_weights})" if args.flow else ""
+    setup_line = (f"{args.backbone} weights={args.weights}{flow_setup} on {setup}, frame size {args.frame_size}, maps "
                   f"{'x'.join(map(str, map_shape))} stored as {dtype}, {args.workers} decode workers, "
                   f"{args.videos} videos x {args.frames_per_video} frames")
     machine = machine_line(backbone.device)

@@ -3,26 +3,20 @@
 A `Backbone` turns a batch of uint8 RGB frames into float32 maps [n_steps, h, w, C] and says exactly what
 produced them (`provenance`), so a feature store can refuse to mix features of different models, weights or
 preprocessing. The torchvision ResNets are cut after `layer4` (7x7 maps at 224 px, one time step per frame);
-other models (an I3D, whose time step is a window of frames) plug in through `register_backbone`.
+other models plug in through `register_backbone`: the clip backbones of `extract/video_backbones.py` (I3D,
+whose time step is a window of frames; optical-flow stacks) register themselves that way.
 
 Weights are torchvision's ImageNet weights (read from the torch hub cache; downloaded, with a timeout, only
-when absent), a local state-dict file, or a seeded random init (`"none"`).
-Set VIDSHIFT_OFFLINE=1 on machines without network to fail at once, with instructions, instead of trying.
+when absent), a local state-dict file, or a seeded random init (`"none"`); see `extract/weights.py`.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import pickle
-import re
-import socket
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -30,16 +24,13 @@ import torchvision
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 from torchvision import models
-from torchvision.models import WeightsEnum
 from torchvision.transforms.v2 import functional as TF
 
-OFFLINE_ENV = "VIDSHIFT_OFFLINE"
-DOWNLOAD_TIMEOUT_S = 30  # per connect/read; a slow download still finishes, a black-holed one fails
+# The weights helpers live in extract/weights.py; these names are imported from here too (extract.backbones).
+from .weights import (OFFLINE_ENV, WeightsUnavailable, load_weights, read_state_dict, safe_load,  # noqa: F401
+                      seeded, state_dict_sha256, torchvision_state_dict)
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class WeightsUnavailable(ValueError):
-    """Weights could not be found or fetched; the message names the file to provide and where to put it."""
 
 
 @dataclass(frozen=True)
@@ -66,30 +57,15 @@ class Preprocess:
                 "mean": list(self.mean), "std": list(self.std)}
 
 
-def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Identity of a set of weights, whatever file or format they came from.
-
-    sha256 over the entries in sorted key order; each entry contributes the line "name dtype shape\\n"
-    (e.g. "conv1.weight torch.float32 (64, 3, 7, 7)\\n") followed by the tensor's raw bytes (C order, native
-    byte order, i.e. little-endian on every platform torch ships for). BatchNorm's `num_batches_tracked`
-    counters are skipped: they do not affect inference and older checkpoints lack them.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        if name.endswith("num_batches_tracked"):
-            continue
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 class Backbone:
     """A frozen feature extractor: uint8 RGB frames -> float32 channels-last maps on the CPU, one per time step.
 
     `model` (eval mode, on `device`) maps normalised frames [n, 3, s, s] to maps [n, C, h, w]; its state dict
-    keeps the original (torchvision) parameter names, which is what `weights_sha256` hashes.
+    keeps the original (torchvision) parameter names, which is what `weights_sha256` hashes. Here a time step is
+    one frame; `extract.clips.ClipBackbone` makes it a window of frames (3D networks, optical-flow stacks).
     """
+
+    MEMORY_FORMAT = torch.channels_last  # of the network's weights and inputs (3D networks: channels_last_3d)
 
     def __init__(self, name: str, layer: str, model: nn.Module, frames_per_step: int, weights: str,
                  preprocess: Preprocess, device: torch.device, precision: str):
@@ -107,12 +83,11 @@ class Backbone:
         # move by float rounding only (5e-5 on maps peaking at 112).
         self.model, self.fused_batchnorm = _fold_batchnorm(model.eval())
         self.channels_last = True
-        self._memory_format = torch.channels_last
+        self._memory_format = self.MEMORY_FORMAT
         self.model = self.model.to(device, memory_format=self._memory_format)
         # One probe forward gives the exact map size for this crop, whatever the architecture's padding does.
         with torch.inference_mode():
-            side = preprocess.frame_size
-            probe = self.model(torch.zeros(1, 3, side, side, device=device))
+            probe = self._network(self._probe_input())
         _, self.out_channels, height, width = probe.shape
         self._map_shape = (height, width, self.out_channels)
 
@@ -130,27 +105,39 @@ class Backbone:
 
     def prepare(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 RGB frames [n, H, W, 3] (any H, W) -> normalised float32 network input [n, 3, s, s] on the device."""
+        return self._normalised(self._resized(frames)).contiguous(memory_format=self._memory_format)
+
+    def _resized(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames [n, H, W, 3] -> uint8 [n, 3, H', W'] on the device, the shorter side at ``resize``."""
         if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
                 and frames.shape[3] == 3):
             got = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) else type(frames)
             raise ValueError(f"{self.name}: expected uint8 RGB frames shaped [n, H, W, 3], got {got}")
-        p = self.preprocess
         # Resize and crop the uint8 frames on the device (the GPU when there is one): the upload is 4x smaller
         # than float, and the permuted NHWC view is the layout uint8 resizing is fastest on.
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
-        x = TF.resize(x, [p.resize], antialias=True)
-        x = TF.center_crop(x, [p.frame_size])
-        x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(p.mean), list(p.std))
-        return x.contiguous(memory_format=self._memory_format)
+        return TF.resize(x, [self.preprocess.resize], antialias=True)
 
-    @torch.inference_mode()
-    def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 RGB frames [n, H, W, 3] -> float32 maps [n, h, w, C] on the CPU (n steps: one per frame here)."""
+    def _normalised(self, resized: torch.Tensor) -> torch.Tensor:
+        p = self.preprocess
+        x = TF.center_crop(resized, [p.frame_size])
+        return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(p.mean), list(p.std))
+
+    def _probe_input(self) -> torch.Tensor:
+        side = self.preprocess.frame_size
+        return torch.zeros(1, 3, side, side, device=self.device)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """Network input -> maps [n, C, h, w]."""
+        return self.model(x)
+
+    def run_network(self, x: torch.Tensor) -> torch.Tensor:
+        """Network input on the device -> float32 maps [n, h, w, C] on the CPU, under the configured autocast."""
         autocast_dtype = AUTOCAST_DTYPES[self.precision]
         autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype
                     else contextlib.nullcontext())
-        with autocast:
-            maps = self.model(self.prepare(frames))
+        with torch.inference_mode(), autocast:
+            maps = self._network(x)
         if autocast_dtype is torch.float16 and not torch.isfinite(maps).all():
             # No store dtype can help here: the overflow happened inside the network.
             raise ValueError(f"{self.name} produced inf/NaN under --precision fp16 (an activation inside the "
@@ -158,6 +145,10 @@ class Backbone:
                              f"fp16's speed) or fp32")
         # Back to float32 (autocast returns bf16/fp16) before the maps leave the device.
         return maps.float().permute(0, 2, 3, 1).contiguous().cpu()
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 RGB frames [n, H, W, 3] -> float32 maps [n, h, w, C] on the CPU (n steps: one per frame here)."""
+        return self.run_network(self.prepare(frames))
 
     def steps(self, frame_indices: np.ndarray) -> np.ndarray:
         """int32 [n_steps, 2]: first and last source frame of each step (consecutive windows of frames_per_step)."""
@@ -168,18 +159,40 @@ class Backbone:
         windows = indices.reshape(-1, self.frames_per_step)
         return np.stack([windows[:, 0], windows[:, -1]], axis=1)
 
+    def video_steps(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], indices: np.ndarray,
+                    batch_size: int) -> Iterator[StepBatch]:
+        """One video's (frame indices, uint8 frames) decode batches -> its time steps, in order, as computed.
+
+        ``indices``: every frame index the video's batches will bring (the sampling plan); ``batch_size``: frames
+        per network call. Here each decode batch is one call, and a step is one frame.
+        """
+        del indices, batch_size  # one step per frame: each decode batch is a ready network call
+        for frame_indices, frames in batches:
+            yield StepBatch(self.steps(frame_indices), self(frames), padded=0)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Consecutive time steps of one video: ``steps`` int32 [k, 2] (first and last source frame of each), ``maps``
+    float32 [k, h, w, C] on the CPU, and how many repeated frames padded them (a clip longer than the video)."""
+
+    steps: np.ndarray
+    maps: torch.Tensor
+    padded: int
+
 
 def _fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
     """The eval-mode model with every conv -> batch-norm pair folded into one conv, and whether it could be done
     (a model torch.fx cannot trace, e.g. one with shape-dependent Python control flow, runs as it is)."""
     try:
         return fx_optimization.fuse(model), True
-    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError):
+    except Exception:  # noqa: BLE001 - tracing fails in many ways (TraceError, TypeError of math on proxies, ...)
         return model, False
 
 
-# A factory builds one backbone: factory(weights=, preprocess=, device=torch.device, precision=, seed=) -> Backbone.
-# `device` and `precision` arrive already resolved and validated by build_backbone.
+# A factory builds one backbone: factory(weights=, preprocess=, device=torch.device, precision=, seed=,
+# clip_length=, clip_stride=, flow=, flow_weights=) -> Backbone. `device` and `precision` arrive already resolved
+# and validated by build_backbone; the clip and flow options are None (and flow_weights "default") when not given.
 BackboneFactory = Callable[..., Backbone]
 _FACTORIES: dict[str, BackboneFactory] = {}
 
@@ -194,24 +207,37 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
     return register
 
 
+def _registry() -> dict[str, BackboneFactory]:
+    """The registered factories. The clip backbones build on this module, so they are imported on first use
+    rather than at the top (which would be circular); an import already done costs a dictionary lookup."""
+    from . import video_backbones  # noqa: F401
+    return _FACTORIES
+
+
 def available_backbones() -> list[str]:
-    return sorted(_FACTORIES)
+    return sorted(_registry())
 
 
 def build_backbone(name: str, weights: str = "imagenet", preprocess: Preprocess = Preprocess(),
-                   device: str = "auto", precision: str = "auto", seed: int = 0) -> Backbone:
+                   device: str = "auto", precision: str = "auto", seed: int = 0, clip_length: int | None = None,
+                   clip_stride: int | None = None, flow: str | None = None,
+                   flow_weights: str = "default") -> Backbone:
     """Build a registered backbone.
 
     weights: "imagenet" (torchvision's default ImageNet weights), "none" (random init from `seed`, identical
-    for the same seed whatever the global RNG state), or the path of a torchvision-keyed state dict.
+    for the same seed whatever the global RNG state), or the path of a state dict (torchvision-keyed for ResNets).
     device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
     precision: autocast dtype, "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16" (CUDA only).
+    clip_length, clip_stride: frames per time step and hop for clip backbones (default: the backbone's own).
+    flow: None (RGB input) or an optical-flow method of `extract.flow.FLOW_METHODS`, computed from the frames and
+    fed to the network instead of them; flow_weights: that method's weights ("default", "none" or a path).
     """
-    if name not in _FACTORIES:
+    if name not in _registry():
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     resolved_device = _resolve_device(device)
     return _FACTORIES[name](weights=weights, preprocess=preprocess, device=resolved_device,
-                            precision=_resolve_precision(precision, resolved_device), seed=seed)
+                            precision=_resolve_precision(precision, resolved_device), seed=seed,
+                            clip_length=clip_length, clip_stride=clip_stride, flow=flow, flow_weights=flow_weights)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -241,117 +267,9 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-# ----------------------------------------------------------------------------- weights
-
-
-CHECKPOINT = "a checkpoint or weights file written by vidshift or torchvision"
-
-
-def safe_load(path: Path, map_location: str | torch.device = "cpu", kind: str = CHECKPOINT):
-    """``torch.load(path, weights_only=True)``, for any .pt/.pth file vidshift reads (weights, checkpoints).
-
-    weights_only unpickles tensors and plain containers only, so a tampered or foreign file is refused before
-    any of its code can run. torch's message for that advises ``weights_only=False``, the one thing not to do
-    with a file one does not trust; this raises a ValueError naming the file and ``kind`` (what it should
-    have been) instead.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as error:
-        reason = _load_refusal(error)
-    except RuntimeError as error:
-        if not str(error).startswith("PytorchStreamReader"):  # not the file's fault (e.g. a device error)
-            raise
-        reason = "damaged: " + str(error).split(".")[0]
-    raise ValueError(f"{path}: refused, not {kind} ({reason}); it was not unpickled, since unpickling a file "
-                     f"that holds other objects can run code from it") from None
-
-
-def _load_refusal(error: Exception) -> str:
-    """What torch found in a refused file, e.g. 'Unsupported global: GLOBAL x.Y'; never torch's advice."""
-    if isinstance(error, EOFError):
-        return "empty or cut short"
-    text = str(error)
-    found = (re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|$)", text, re.MULTILINE)
-             or re.search(r"unsupported (GLOBAL \S+)", text))
-    if found:
-        return found.group(1).strip()
-    return "it holds something other than tensors and plain containers, or is damaged"
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict (or {"state_dict": ...}) from a file, refusing anything that is not plain named tensors."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; weights must be 'imagenet', 'none' or "
-                                f"the path of a state dict saved with torch.save(model.state_dict(), path)")
-    loaded = safe_load(path, kind="a plain state dict of a torchvision model, as torch.save(model.state_dict(), "
-                                  "path) writes it")
-    if isinstance(loaded, dict) and "state_dict" in loaded:
-        loaded = loaded["state_dict"]
-    if not (isinstance(loaded, dict) and loaded
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())):
-        raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict of named tensors; "
-                         f"save weights with torch.save(model.state_dict(), path)")
-    return loaded
-
-
-def _imagenet_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
-    """torchvision's weights from the torch hub cache, where torchvision itself keeps them; downloaded if absent."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-    if not cached.is_file():
-        _download(weights, cached)
-    return _read_state_dict(cached)
-
-
-def _download(weights: WeightsEnum, destination: Path) -> None:
-    def not_available(reason: str) -> WeightsUnavailable:
-        return WeightsUnavailable(
-            f"ImageNet weights {weights!r} are not in the torch hub cache and {reason}. Download {weights.url} "
-            f"on a machine with network and put it at {destination} (the cache is $TORCH_HOME/hub/checkpoints; "
-            f"set TORCH_HOME to use another directory), or pass the path of a local state dict as the weights.")
-
-    if os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
-        raise not_available(f"{OFFLINE_ENV} is set, so downloading is not attempted")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    # torchvision's file names carry a prefix of the file's sha256, which torch checks after downloading.
-    hash_match = torch.hub.HASH_REGEX.search(destination.name)
-    # torch.hub opens the URL without a timeout: on a node whose firewall drops packets it would hang for
-    # minutes. The default socket timeout is the only way to give it one, so it is set just for this call.
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        torch.hub.download_url_to_file(weights.url, str(destination), hash_match.group(1) if hash_match else None)
-    except (OSError, RuntimeError) as error:  # URLError and timeouts are OSErrors; a bad hash is a RuntimeError
-        raise not_available(f"downloading it failed ({error})") from error
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-
-
-def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], model_name: str, source: str) -> None:
-    """Strict load, except that fc.* may be absent or anything: the classifier is cut away with the pooling."""
-    expected = model.state_dict()
-    given = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    # BatchNorm fills in num_batches_tracked itself when older checkpoints lack it.
-    missing = [k for k in expected
-               if k not in given and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in given if k not in expected]
-    misshapen = [f"{k} {tuple(v.shape)} instead of {tuple(expected[k].shape)}"
-                 for k, v in given.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or misshapen:
-        raise ValueError(f"weights {source} do not fit torchvision's {model_name} "
-                         f"(expected keys like 'conv1.weight', 'layer1.0.bn1.running_mean'): "
-                         f"{len(missing)} missing {_some(missing)}, {len(unexpected)} unexpected {_some(unexpected)}, "
-                         f"{len(misshapen)} of the wrong shape {_some(misshapen)}")
-    model.load_state_dict(given, strict=False)
-
-
-def _some(keys: list[str], limit: int = 10) -> list[str]:
-    return keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
-
-
 # ----------------------------------------------------------------------------- torchvision ResNets
 
-_RESNETS = {
+RESNETS = {
     "resnet18": (models.resnet18, models.ResNet18_Weights),
     "resnet34": (models.resnet34, models.ResNet34_Weights),
     "resnet50": (models.resnet50, models.ResNet50_Weights),
@@ -359,7 +277,7 @@ _RESNETS = {
 }
 
 
-def _cut_after(model: nn.Module, layer: str) -> nn.Sequential:
+def cut_after(model: nn.Module, layer: str) -> nn.Sequential:
     """The model's top-level children up to and including `layer`, under their original names.
 
     Valid for torchvision ResNets, whose children are declared in the order forward() runs them.
@@ -373,26 +291,42 @@ def _cut_after(model: nn.Module, layer: str) -> nn.Sequential:
 
 
 def _build_resnet(name: str, weights: str, preprocess: Preprocess, device: torch.device, precision: str,
-                  seed: int) -> Backbone:
-    build_model, weights_enum = _RESNETS[name]
-    # Initialise on a forked RNG: the same seed gives the same weights whatever the caller did with the global RNG,
-    # and the caller's RNG is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model()
+                  seed: int, clip_length: int | None, clip_stride: int | None, flow: str | None,
+                  flow_weights: str) -> Backbone:
+    if flow is not None:
+        # Imported here, not at the top: the clip machinery builds on this module (see _registry).
+        from .video_backbones import build_flow_resnet
+        return build_flow_resnet(name, weights, preprocess, device, precision, seed, clip_length, clip_stride,
+                                 flow, flow_weights)
+    if clip_length is not None or clip_stride is not None:
+        raise ValueError(f"--clip-length/--clip-stride: {name} on RGB frames is a per-frame backbone (one time step "
+                         f"per frame); clips apply to i3d, i3d-r50 and to optical-flow stacks (--flow)")
+    model = seeded(RESNETS[name][0], seed)
+    state_dict = resnet_weights(name, weights)
+    if state_dict is not None:
+        load_weights(model, state_dict, f"torchvision's {name}", resnet_identity(name, weights, seed))
+    return Backbone(name, "layer4", cut_after(model, "layer4"), frames_per_step=1,
+                    weights=resnet_identity(name, weights, seed), preprocess=preprocess, device=device,
+                    precision=precision)
+
+
+def resnet_identity(name: str, weights: str, seed: int) -> str:
+    """How provenance names a torchvision ResNet's weights: none:seed=S, imagenet:ENUM or file:PATH."""
     if weights == "none":
-        identity = f"none:seed={seed}"
-    elif weights == "imagenet":
-        imagenet = weights_enum.DEFAULT
-        identity = f"imagenet:{imagenet.name}"
-        _load_weights(model, _imagenet_state_dict(imagenet), name, identity)
-    else:
-        path = Path(weights).expanduser().resolve()
-        identity = f"file:{path}"
-        _load_weights(model, _read_state_dict(path), name, identity)
-    return Backbone(name, "layer4", _cut_after(model, "layer4"), frames_per_step=1, weights=identity,
-                    preprocess=preprocess, device=device, precision=precision)
+        return f"none:seed={seed}"
+    if weights == "imagenet":
+        return f"imagenet:{RESNETS[name][1].DEFAULT.name}"
+    return f"file:{Path(weights).expanduser().resolve()}"
 
 
-for _name in _RESNETS:
+def resnet_weights(name: str, weights: str) -> dict[str, torch.Tensor] | None:
+    """The state dict that ``weights`` ("imagenet" or a path) names for torchvision's ``name``; None for "none"."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return torchvision_state_dict(RESNETS[name][1].DEFAULT)
+    return read_state_dict(Path(weights).expanduser().resolve())
+
+
+for _name in RESNETS:
     register_backbone(_name)(partial(_build_resnet, _name))

@@ -6,7 +6,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-LIBRARIES = ("torch", "torchvision", "numpy", "zarr", "h5py", "hdf5plugin", "decord", "av", "pillow")
+LIBRARIES = ("torch", "torchvision", "numpy", "zarr", "h5py", "hdf5plugin", "decord", "av", "pillow",
+             "opencv-contrib-python-headless")  # OpenCV: TV-L1 optical flow
 
 
 def git_commit() -> str:

@@ -4,8 +4,12 @@ The run is resumable and never stopped by a bad video:
 - videos already in committed parts are skipped; a killed run loses only its uncommitted part;
 - a video that cannot be decoded, or whose features are not storable, is recorded as a failure in the part
   (path, stage, reason) and the run goes on; the exit code is then 2;
-- settings that change what is stored (backbone, weights, preprocessing, sampling, dtype, --keep-partial, and
-  --fps when sampling by frame rate) are fixed by the first run; a resume with different ones is refused.
+- settings that change what is stored (backbone, weights, preprocessing, sampling, clips, flow method and its
+  weights, dtype, --keep-partial, and --fps when sampling by frame rate) are fixed by the first run; a resume
+  with different ones is refused.
+A clip backbone (``extract/clips.py``) makes a time step of a window of frames; ``--flow`` computes optical flow
+between consecutive sampled frames and feeds it to the network, stored under its own stream (``--stream flow``)
+beside the RGB stream of the same videos, each with its own provenance.
 ``--shard K/N`` lets N independent processes (a SLURM array, several GPUs) fill one store: each takes every
 N-th video, writes parts tagged with its shard and holds its own lock; the store records N and refuses another.
 A run stopped by the disk (full, read-only) rolls back the part it was writing and says how much space the
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,10 @@ import torch
 from tqdm import tqdm
 
 from .backbones import Backbone, Preprocess, build_backbone
+from .clips import ClipBackbone
 from .decode import FRAME_DIR_FPS, DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
 from .errors import OUT_OF_SPACE, describe_os_error, error_number
+from .flow import FLOW_METHODS
 from .manifest import VideoEntry, file_sha256, read_manifest
 from .provenance import software_versions
 from .store import BACKENDS, DEFAULT_STREAM, FeatureStore, FeatureValueError, PartSequence, PartWriter, StoreError
@@ -33,6 +39,7 @@ from .store.summary import human_bytes
 STORE_DTYPES = ("float16", "float32")
 GPU_BATCH, GPU_DECODERS = 64, 2   # defaults of --batch-size and --workers per device (device_defaults)
 CPU_BATCH, CPU_DECODERS = 8, 1
+FLOW_STREAM = "flow"
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,8 @@ class ExtractConfig:
     dtype: str = "float16"
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int | None = None      # frames per backbone call, also the decode batch; None: per device
+    batch_size: int | None = None      # frames per decode batch and backbone call (clips: batch_size // clip length);
+                                       # None: per device (device_defaults)
     workers: int | None = None         # background decode threads; None: per device
     videos_per_part: int = 64          # a part is committed after this many videos (the resume granularity)
     shard: str = "0/1"
@@ -57,6 +65,10 @@ class ExtractConfig:
     keep_partial: bool = False         # keep the decodable prefix of a video that breaks part-way
     seed: int = 0                      # random-init weights (--weights none)
     fps: float | None = None           # frame rate of frame directories (videos carry their own)
+    clip_length: int | None = None     # frames per time step of a clip backbone (default: the backbone's own)
+    clip_stride: int | None = None     # hop between clips (default: clip_length)
+    flow: str | None = None            # optical-flow method: the network sees flow computed from the frames
+    flow_weights: str = "default"      # the RAFT weights: default (torchvision's enum), none, or a state-dict path
 
     def __post_init__(self) -> None:
         """Refuse a setting that cannot work before any video is touched (the messages name the CLI option)."""
@@ -79,6 +91,18 @@ class ExtractConfig:
             raise ValueError(f"--seed {self.seed}: must be 0 or more")
         Sampling.parse(self.sampling)
         parse_shard(self.shard)
+        for option, value in (("--clip-length", self.clip_length), ("--clip-stride", self.clip_stride)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} {value}: must be at least 1 (frames per time step, hop between steps)")
+        if self.flow is not None and self.flow not in FLOW_METHODS:
+            raise ValueError(f"--flow {self.flow!r}: use one of {', '.join(FLOW_METHODS)}")
+        if self.flow is None and self.stream == FLOW_STREAM:
+            raise ValueError(f"--stream {FLOW_STREAM}: name the optical-flow method, --flow {'|'.join(FLOW_METHODS)}")
+        if self.flow is not None and self.stream == DEFAULT_STREAM:
+            raise ValueError(f"--flow {self.flow}: these are optical-flow features; store them under their own "
+                             f"stream, e.g. --stream {FLOW_STREAM}, not the RGB stream {DEFAULT_STREAM!r}")
+        if self.flow is None and self.flow_weights != "default":
+            raise ValueError(f"--flow-weights {self.flow_weights!r}: only with --flow raft-small|raft-large")
 
 
 @dataclass
@@ -145,8 +169,10 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
     entries = read_manifest(config.manifest)[shard_index::shard_count]
     resize = config.resize or round(config.frame_size * 256 / 224)
     backbone = build_backbone(config.backbone, config.weights, Preprocess(config.frame_size, resize),
-                              config.device, config.precision, config.seed)
+                              config.device, config.precision, config.seed, config.clip_length, config.clip_stride,
+                              config.flow, config.flow_weights)
     batch_size, workers = device_defaults(config, backbone.device)
+    config = replace(config, batch_size=batch_size, workers=workers)
     provenance = store_provenance(config, backbone)
     tag = f"s{shard_index}of{shard_count}"
     summary = ExtractSummary(store=config.out)
@@ -169,7 +195,7 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
         bar = tqdm(total=len(todo), unit="video", disable=None if show_progress else True, desc="extract")
         try:
             with bar, PartSequence(new_part, config.videos_per_part) as parts:
-                for decoded in prefetch(jobs, batch_size, workers):
+                for decoded in prefetch(jobs, config.batch_size, config.workers):
                     entry = by_id[decoded.job.key]
                     summary.frames += _extract_video(entry, decoded, backbone, parts.current(), config, summary)
                     parts.video_done()
@@ -199,7 +225,7 @@ def _write_failure(error: OSError, store: FeatureStore, entries: list[VideoEntry
                       f"video so far).")
 
 
-def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone, part: PartWriter,
+def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone: Backbone, part: PartWriter,
                    config: ExtractConfig, summary: ExtractSummary) -> int:
     """Extract one video into ``part``; record a failure instead of raising. Returns frames decoded."""
     def fail(stage: str, reason: str) -> None:
@@ -210,18 +236,24 @@ def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone, part: Par
         fail("decode", str(decoded.error))
         return 0
     video = part.video(entry.video_id, entry.attributes())
-    decoded_frames = 0
-    try:
+    decoded_frames = padded = 0
+
+    def counted_batches():
+        nonlocal decoded_frames
         for indices, frames in decoded.batches():
-            maps = backbone(frames).numpy()
-            video.append(backbone.steps(indices), maps)
             decoded_frames += len(indices)
+            yield indices, frames
+
+    try:
+        for batch in backbone.video_steps(counted_batches(), decoded.indices, config.batch_size):
+            video.append(batch.steps, batch.maps.numpy())
+            padded += batch.padded
     except DecodeError as error:
         if not (config.keep_partial and video.n_steps):
             video.discard()
             fail("decode", str(error))
             return decoded_frames
-        counts = _counts(decoded, decoded_frames)
+        counts = _counts(decoded, decoded_frames, backbone, padded)
         video.finish(**counts, partial=True, partial_reason=str(error))
         summary.partial.append({"video_id": entry.video_id, "path": entry.path, "reason": str(error), **counts})
         summary.extracted += 1
@@ -230,12 +262,15 @@ def _extract_video(entry: VideoEntry, decoded: DecodedVideo, backbone, part: Par
         video.discard()
         fail("features", str(error))
         return decoded_frames
-    video.finish(**_counts(decoded, decoded_frames), partial=False)
+    video.finish(**_counts(decoded, decoded_frames, backbone, padded), partial=False)
     summary.extracted += 1
     return decoded_frames
 
 
-def _counts(decoded: DecodedVideo, decoded_frames: int) -> dict:
-    return {"container_frames": int(decoded.num_frames), "expected_frames": int(len(decoded.indices)),
-            "decoded_frames": decoded_frames, "fps": float(decoded.fps), "decoder": decoded.backend,
-            "first_frame": int(np.min(decoded.indices)), "last_frame": int(np.max(decoded.indices))}
+def _counts(decoded: DecodedVideo, decoded_frames: int, backbone: Backbone, padded: int) -> dict:
+    counts = {"container_frames": int(decoded.num_frames), "expected_frames": int(len(decoded.indices)),
+              "decoded_frames": decoded_frames, "fps": float(decoded.fps), "decoder": decoded.backend,
+              "first_frame": int(np.min(decoded.indices)), "last_frame": int(np.max(decoded.indices))}
+    if isinstance(backbone, ClipBackbone):  # frames (flow: fields) repeated to fill a clip the video is shorter than
+        counts["padded_frames"] = padded
+    return counts

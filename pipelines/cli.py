@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from extract.backbones import available_backbones
 from extract.errors import describe_os_error
+from extract.flow import FLOW_METHODS
 from extract.manifest import ManifestError
 from extract.run import ExtractConfig, run_extract
 from extract.store import FeatureStore, StoreError
@@ -107,7 +108,8 @@ def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, fram
 @click.option("--backbone", default="resnet50", show_default=True,
               help=f"One of: {', '.join(available_backbones())}.")
 @click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (torchvision weights enum), none (seeded random init) or a state-dict path.")
+              help="imagenet (torchvision weights enum), none (seeded random init) or a state-dict path "
+                   "(i3d: pytorch-i3d's rgb_imagenet.pt / flow_imagenet.pt).")
 @click.option("--sampling", default="all", show_default=True, help="all | fps:F | uniform:N")
 @click.option("--frame-size", default=224, show_default=True, help="Centre-crop side.")
 @click.option("--resize", type=int, default=None, help="Shorter side before the crop [default: frame-size*256/224].")
@@ -116,16 +118,26 @@ def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, fram
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast precision of the backbone (bf16/fp16 on CUDA only).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Frames per backbone call [default: 64 on a GPU, 8 on the CPU].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=int, default=None,
+              help="Frames per decode batch and backbone call (clips: batch-size // clip-length per call) "
+                   "[default: 64 on a GPU, 8 on the CPU].")
+@click.option("--workers", type=int, default=None,
               help="Background decode workers [default: 2 on a GPU, 1 on the CPU].")
 @click.option("--videos-per-part", default=64, show_default=True, help="Videos per committed part.")
 @click.option("--shard", default="0/1", show_default=True, help="K/N: this process extracts every N-th video.")
-@click.option("--stream", default="rgb", show_default=True, help="Stream name the features are stored under.")
+@click.option("--stream", default="rgb", show_default=True,
+              help="Stream name the features are stored under (flow with --flow; a store holds several).")
 @click.option("--keep-partial", is_flag=True, help="Keep the decodable prefix of videos that break part-way.")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-init weights (--weights none).")
 @click.option("--fps", type=float, default=None, help="Frame rate of frame directories (videos carry their own).")
+@click.option("--clip-length", type=int, default=None,
+              help="Clip backbones (i3d, i3d-r50, --flow stacks): frames per time step [default: the backbone's].")
+@click.option("--clip-stride", type=int, default=None,
+              help="Hop between clips, in sampled frames [default: clip length].")
+@click.option("--flow", type=click.Choice(FLOW_METHODS), default=None,
+              help="Feed optical flow between consecutive sampled frames to the backbone (with --stream flow).")
+@click.option("--flow-weights", default="default", show_default=True,
+              help="RAFT's weights: default (torchvision's enum), none (seeded random init) or a state-dict path.")
 def extract(manifest: Path, root: Path | None, out: Path, store_format: str, **options) -> None:
     """Stage one: extract backbone features of MANIFEST's videos into the store --out (resumes if it exists)."""
     config = ExtractConfig(manifest=manifest, root=root or manifest.parent, out=out, format=store_format, **options)
