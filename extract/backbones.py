@@ -77,14 +77,15 @@ class Backbone:
         self.preprocess = preprocess
         self.device = device
         self.precision = precision
-        # Inference only, so each batch norm is folded into the convolution before it (torch.fx's `fuse`: one
-        # pass less over every activation), and the maps run NHWC, the layout cuDNN's and oneDNN's fastest
-        # kernels use: together 1.29x on ResNet-50, one CPU thread, batch 8 (benchmarks/README.md). The values
-        # move by float rounding only (5e-5 on maps peaking at 112).
-        self.model, self.fused_batchnorm = _fold_batchnorm(model.eval())
+        # ``model`` keeps its parameter names (what a weights file holds); inference runs a copy in which each
+        # batch norm is folded into the convolution before it (torch.fx's `fuse`: one pass less over every
+        # activation), NHWC, the layout cuDNN's and oneDNN's fastest kernels use: together 1.29x on ResNet-50,
+        # one CPU thread, batch 8 (benchmarks/README.md). The values move by float rounding only (5e-5 on maps
+        # peaking at 112).
         self.channels_last = True
         self._memory_format = self.MEMORY_FORMAT
-        self.model = self.model.to(device, memory_format=self._memory_format)
+        self.model = model.eval().to(device, memory_format=self._memory_format)
+        self.network, self.fused_batchnorm = _fold_batchnorm(self.model)
         # One probe forward gives the exact map size for this crop, whatever the architecture's padding does.
         with torch.inference_mode():
             probe = self._network(self._probe_input())
@@ -105,7 +106,8 @@ class Backbone:
 
     def prepare(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 RGB frames [n, H, W, 3] (any H, W) -> normalised float32 network input [n, 3, s, s] on the device."""
-        return self._normalised(self._resized(frames)).contiguous(memory_format=self._memory_format)
+        # Frames are 4-D whatever the network: NHWC; a clip network lays its 5-D clips out itself (_network).
+        return self._normalised(self._resized(frames)).contiguous(memory_format=torch.channels_last)
 
     def _resized(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames [n, H, W, 3] -> uint8 [n, 3, H', W'] on the device, the shorter side at ``resize``."""
@@ -129,7 +131,7 @@ class Backbone:
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         """Network input -> maps [n, C, h, w]."""
-        return self.model(x)
+        return self.network(x)
 
     def run_network(self, x: torch.Tensor) -> torch.Tensor:
         """Network input on the device -> float32 maps [n, h, w, C] on the CPU, under the configured autocast."""
@@ -182,8 +184,8 @@ class StepBatch:
 
 
 def _fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The eval-mode model with every conv -> batch-norm pair folded into one conv, and whether it could be done
-    (a model torch.fx cannot trace, e.g. one with shape-dependent Python control flow, runs as it is)."""
+    """A copy of the eval-mode model with every conv -> batch-norm pair folded into one conv, and whether it could
+    be done (a model torch.fx cannot trace, e.g. one with shape-dependent Python control flow, runs as it is)."""
     try:
         return fx_optimization.fuse(model), True
     except Exception:  # noqa: BLE001 - tracing fails in many ways (TraceError, TypeError of math on proxies, ...)

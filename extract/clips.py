@@ -81,8 +81,8 @@ class ClipBackbone(Backbone):
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         """Windows [B, L, C, s, s] -> one map per window [B, C', h, w]."""
         if self.stacked:
-            return self.model(x.flatten(1, 2).contiguous(memory_format=self._memory_format))
-        maps = self.model(x.transpose(1, 2).contiguous(memory_format=self._memory_format))
+            return self.network(x.flatten(1, 2).contiguous(memory_format=self._memory_format))
+        maps = self.network(x.transpose(1, 2).contiguous(memory_format=self._memory_format))
         return maps.mean(dim=2)
 
     def _items(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[torch.Tensor]:
