@@ -4,6 +4,7 @@ backbone and an architecture together from raw video (``pipelines/finetune.py``)
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def finetune(manifest, head, config_file, assignments, out, resume, stop_after, 
                             **options)
     report = run_finetune(config, resume=resume, stop_after=stop_after)
     failures = json.loads((out / "failures.json").read_text())
+    if os.environ.get("RANK", "0") != "0":      # torchrun: the first process reports
+        sys.exit(2 if failures else 0)
     click.echo(json.dumps(report["final"], indent=1))
     for video_id, reason in sorted(failures.items()):
         click.echo(f"  SKIPPED {video_id}: {reason}")

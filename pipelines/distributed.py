@@ -44,13 +44,12 @@ class Processes:
         return gathered
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
-        """``values`` summed over the processes (the same keys everywhere)."""
+        """``values`` summed over the processes (the same keys, in the same order, everywhere)."""
         if self.world == 1:
             return dict(values)
-        totals = torch.tensor([values[key] for key in sorted(values)], dtype=torch.float64,
-                              device=_collective_device())
+        totals = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
         dist.all_reduce(totals)
-        return dict(zip(sorted(values), totals.cpu().tolist()))
+        return dict(zip(values, totals.cpu().tolist()))
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -335,7 +335,7 @@ def _predict(run: Run, videos: VideoSet) -> tuple[torch.Tensor, torch.Tensor]:
     processes = run.processes
     positions = np.array_split(np.arange(len(videos)), processes.world)[processes.rank]
     batch = max(1, run.hparams["batch_size"] // processes.world)
-    plans: list[ClipPlan] = videos.test_plans(run.config.num_segments, batch, positions) if len(positions) else []
+    plans: list[ClipPlan] = videos.centre_plans(run.config.num_segments, batch, positions) if len(positions) else []
     run.model.eval()
     logits, labels = [], []
     for plan, clips in iterate_clips(videos, plans, run.factory.preprocess, run.config.workers):

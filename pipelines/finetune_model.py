@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from extract.backbones import AUTOCAST_DTYPES, Preprocess, build_backbone
+from extract.backbones import AUTOCAST_DTYPES, build_backbone
 from heads.architecture import Architecture, Encoding, PixelSpace
 from heads.base import LR_MULT, HeadError, HParam
+from pipelines.video_data import eval_preprocess
 
 BN_POLICIES = ("partial", "frozen", "train")
 FINETUNE_HPARAMS: dict[str, HParam] = {
@@ -177,7 +178,7 @@ class BackboneFactory:
 
     def __init__(self, name: str, weights: str, frame_size: int, precision: str, hparams: dict, seed: int):
         self.name, self.weights, self.hparams, self.seed = name, weights, hparams, seed
-        self.preprocess = Preprocess(frame_size, round(frame_size * 256 / 224))
+        self.preprocess = eval_preprocess(frame_size)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         # built on the CPU in float32 (the caller moves the model); the probe forward gives the map shape
         frozen = build_backbone(name, weights, self.preprocess, "cpu", "fp32", seed)

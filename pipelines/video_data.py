@@ -44,7 +44,7 @@ FIXED_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4),
                  (3, 3))
 
 
-def test_preprocess(frame_size: int) -> Preprocess:
+def eval_preprocess(frame_size: int) -> Preprocess:
     """The test transform: shorter side to ``frame_size * 256 / 224``, centre crop, ImageNet mean/std."""
     return Preprocess(frame_size, round(frame_size * 256 / 224))
 
@@ -68,7 +68,7 @@ def augment_clip(frames: torch.Tensor, size: int, pair: int, offset: int, flip: 
     return TF.horizontal_flip(frames) if flip else frames
 
 
-def test_clip(frames: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+def eval_clip(frames: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """Test transform of uint8 frames [N, 3, H, W]: resize the shorter side, centre crop."""
     return TF.center_crop(TF.resize(frames, [preprocess.resize], antialias=True), [preprocess.frame_size])
 
@@ -127,7 +127,7 @@ class VideoSet(PlannedVideos):
             drawn.append(ClipPlan(plan.videos, plan.steps, augment=augment.numpy()))
         return drawn
 
-    def test_plans(self, num_segments: int, batch_size: int, videos: np.ndarray | None = None) -> list[ClipPlan]:
+    def centre_plans(self, num_segments: int, batch_size: int, videos: np.ndarray | None = None) -> list[ClipPlan]:
         """Every video (or ``videos``, positions in order) once at its segment centres, in batches."""
         plans = self.eval_plans(num_segments, batch_size, videos)
         return [ClipPlan(plan.videos, plan.steps) for plan in plans]
@@ -223,7 +223,7 @@ class _ClipDataset(Dataset):
                 continue
             frames = torch.from_numpy(np.ascontiguousarray(decoded)).permute(0, 3, 1, 2)
             if plan.augment is None:
-                frames = test_clip(frames, self.preprocess)
+                frames = eval_clip(frames, self.preprocess)
             else:
                 pair, offset, flip = plan.augment[position]
                 frames = augment_clip(frames, size, int(pair), int(offset), bool(flip))
