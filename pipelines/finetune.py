@@ -43,7 +43,7 @@ from heads.method import Method
 from pipelines.data import target_batch_size
 from pipelines.distributed import GradientAverager, Processes, start_processes
 from pipelines.evaluate import accuracy_report
-from pipelines.finetune_model import FINETUNE_HPARAMS, BackboneFactory, end_to_end
+from pipelines.finetune_model import FINETUNE_HPARAMS, BackboneFactory, backbone_state, end_to_end
 from pipelines.runs import (RunError, check_domains, check_labels, open_run_splits, resolve_device, save_atomic,
                             select, source_classes)
 from pipelines.train import RunMismatch, TrainConfig, _cuda_rng_states, _is_best, _log_to, _write_metrics, \
@@ -389,11 +389,6 @@ def _write_failures(out: Path, failures: dict[str, str]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # the fine-tuned backbone
-
-
-def backbone_state(model: Method) -> dict[str, torch.Tensor]:
-    """The backbone of a fine-tuned model as a torchvision-keyed state dict (``conv1.weight``, ``layer1.0...``)."""
-    return {name: tensor.detach().cpu().clone() for name, tensor in model.arch.backbone.net.state_dict().items()}
 
 
 def _export_backbone(run: Run, out: Path) -> None:

@@ -173,6 +173,12 @@ def end_to_end(head: Architecture, backbone: TrainableBackbone, pixels: PixelSpa
     return wrapper(head, backbone, pixels, frame_size)
 
 
+def backbone_state(model: nn.Module) -> dict[str, Tensor]:
+    """The backbone of a fine-tuned model (a method over :class:`EndToEnd`) as a torchvision-keyed state dict
+    (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...): what ``vidshift extract --weights`` reads."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.arch.backbone.net.state_dict().items()}
+
+
 class BackboneFactory:
     """Builds the run's backbone (and fresh copies of it: DRL's spatial model) from ``--backbone`` / ``--weights``."""
 
