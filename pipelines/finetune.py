@@ -199,6 +199,8 @@ def _start(config: FinetuneConfig, overrides: dict, tuning: dict, processes: Pro
                         wrap=lambda arch: end_to_end(arch, backbone, factory.pixel_space(), config.frame_size))
     device = _device(config, processes)
     model.to(device)
+    if device.type == "cuda":   # NHWC lets cuDNN use its fastest convolutions (the frames arrive channels last)
+        backbone.net.to(memory_format=torch.channels_last)
     if processes.world > 1:
         GradientAverager(model, processes.world)
     torch.manual_seed(config.seed * TRAINING_SEED + processes.rank)
