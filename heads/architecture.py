@@ -13,13 +13,17 @@ use are
 - ``aux_losses(encoding, labels)``: the architecture's own loss terms (STDN's L_emin, L_emax, L_rel), which every
   method adds to its objective;
 - ``new_classifier()``: a fresh classifier of the same shape and init (MCD's second classifier).
+
+``pixels`` is None for cached features; an architecture that reads frames through a backbone (``vidshift
+finetune``) describes its input there (:class:`PixelSpace`), so a method that perturbs its input (DRL's FGSM) can
+do it in pixel units.
 """
 from __future__ import annotations
 
 import abc
 import copy
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +45,27 @@ class Encoding:
         return self.relations if self.relations is not None else self.frames
 
 
+@dataclass(frozen=True)
+class PixelSpace:
+    """Inputs that are frames, not features: x [B, N, S, S, 3] channels last, each channel (v - mean) / std of
+    v in [0, 1]. ``frame_encoder()`` builds a fresh 2D CNN from such frames to per-frame vectors [B, N, channels]
+    (DRL's spatial model on frames)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    frame_encoder: Callable[[], nn.Module]
+    channels: int
+
+    def unit(self, like: Tensor) -> Tensor:
+        """One [0, 1] pixel unit in the normalised input, per channel [3], on ``like``'s device and dtype."""
+        return 1.0 / torch.tensor(self.std, device=like.device, dtype=like.dtype)
+
+    def clamp(self, x: Tensor) -> Tensor:
+        """``x`` clamped to the image: every value the normalisation of one in [0, 1]."""
+        mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype) for v in (self.mean, self.std))
+        return torch.maximum(torch.minimum(x, (1 - mean) / std), -mean / std)
+
+
 class Architecture(nn.Module, abc.ABC):
     """Base class. A subclass sets ``frame_dim``, ``video_dim`` (and ``relation_dim``, ``num_scales`` where it has
     relations) and builds ``self.classifier = nn.Sequential(dropout or Identity, Linear(video_dim, classes))``.
@@ -59,6 +84,7 @@ class Architecture(nn.Module, abc.ABC):
     video_dim: int
     relation_dim: int | None = None
     num_scales: int = 0
+    pixels: PixelSpace | None = None     # set where the input is frames (module docstring)
 
     def __init__(self, feat_shape: tuple[int, ...], num_classes: int, num_segments: int, hparams: dict):
         super().__init__()

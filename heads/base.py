@@ -194,12 +194,23 @@ def lr_factor(hparams: dict, progress: float) -> float:
     return 1.0
 
 
+LR_MULT = "lr_mult"   # a parameter's attribute: its lr is lr0 times this (end-to-end mode: the backbone's)
+
+
 def make_optimizer(params, hparams: dict) -> torch.optim.Optimizer:
-    """SGD (TA3N §7.3) or AdamW with the shared hyper-parameters; ``initial_lr`` is what the schedule scales."""
+    """SGD (TA3N §7.3) or AdamW with the shared hyper-parameters; ``initial_lr`` is what the schedule scales.
+
+    Parameters carrying an ``lr_mult`` attribute (:data:`LR_MULT`) get a param group of their own with lr0 times
+    it (a fine-tuned backbone's lr multiplier); without any there is one group, as before.
+    """
+    groups: dict[float, list] = {}
+    for param in params:
+        groups.setdefault(float(getattr(param, LR_MULT, 1.0)), []).append(param)
+    param_groups = [{"params": members, "lr": hparams["lr"] * mult} for mult, members in groups.items()]
     if hparams["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=hparams["lr"], weight_decay=hparams["weight_decay"])
+        optimizer = torch.optim.AdamW(param_groups, lr=hparams["lr"], weight_decay=hparams["weight_decay"])
     else:
-        optimizer = torch.optim.SGD(params, lr=hparams["lr"], momentum=hparams["momentum"],
+        optimizer = torch.optim.SGD(param_groups, lr=hparams["lr"], momentum=hparams["momentum"],
                                     nesterov=hparams["nesterov"], weight_decay=hparams["weight_decay"])
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]   # saved with the optimiser's state, so resume keeps the schedule

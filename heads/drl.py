@@ -16,7 +16,8 @@ Paper -> function:
   per video, seeded; the official code draws one order per batch).
 - eq. 5, the dataset's static bias: :func:`fit_spatial_model` on the labels, its CE on held-out videos.
 - Algorithm 1 (eq. 6-9), ``drl-aug``: :class:`DRLAug`; eq. 6 / eq. 10: :func:`spatial_loss`; eq. 8: :func:`fgsm`;
-  PGD (Madry et al.): :func:`pgd`.
+  PGD (Madry et al.): :func:`pgd`; on frames (``vidshift finetune``): :func:`pixel_fgsm` against
+  :class:`PixelSpatialModel`.
 - Algorithm 2 (eq. 10-11), ``drl-minmax``: :class:`DRLMinMax`.
 - Algorithm 3 (eq. 12), ``drl-fast``: :class:`DRLFast`.
 
@@ -37,6 +38,10 @@ Deviations and choices (README "DRL"):
   (post-ReLU features), as pixel attacks clamp to the image range.
 - eq. 8 attacks L_kd against the teacher's probabilities (the paper); the official code attacks CE against the
   teacher's argmax with 5 momentum iterations. One FGSM step is the paper's; ``drl_attack=pgd`` is the option.
+- On frames (the end-to-end mode, where the architecture's ``pixels`` is set) the attack is the official code's
+  iterative FGSM in pixel space: ε = 0.03 in [0, 1] units (÷ ImageNet's std per channel), 5 steps of ε/5 in the
+  sign of the gradients accumulated so far, clamped to the image, on L_kd (the paper's loss); f_s is a 2D CNN
+  (a fresh copy of the run's backbone, as the code's ImageNet ResNet-18) per frame, then g, averaged (eq. 1).
 - Algorithm 1's order (student step, then the attack with the updated student, then the video step) is the
   paper's; the official code makes one joint step of both models with the attack on the pre-step student.
 - The official ``main-drl.py`` never runs the adversary (it looks for it in the wrong config) and imports a missing
@@ -51,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.architecture import Architecture
+from heads.architecture import Architecture, PixelSpace
 from heads.base import HeadError, HParam, Inputs, LabelledBatch, UnlabelledBatch, map_inputs
 from heads.fusion import LateFusion
 from heads.method import PART_NAMES, Method, methods, register_method
@@ -120,8 +125,22 @@ class SpatialModel(nn.Module):
         return self.from_summaries(map_inputs(summarize_steps, x))
 
 
-def spatial_model_for(arch: Architecture, hidden: int) -> SpatialModel:
-    """A spatial model that reads what ``arch`` reads (each stream of a late fusion)."""
+class PixelSpatialModel(nn.Module):
+    """f_s on frames (eq. 1): a 2D CNN per frame [B, N, S, S, 3] -> [B, N, C], then :class:`SpatialModel`'s g."""
+
+    def __init__(self, pixels: PixelSpace, num_classes: int, hidden: int):
+        super().__init__()
+        self.encoder = pixels.frame_encoder()
+        self.head = SpatialModel(pixels.channels, num_classes, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+def spatial_model_for(arch: Architecture, hidden: int) -> SpatialModel | PixelSpatialModel:
+    """A spatial model that reads what ``arch`` reads (each stream of a late fusion; frames in end-to-end mode)."""
+    if arch.pixels is not None:
+        return PixelSpatialModel(arch.pixels, arch.num_classes, hidden)
     if isinstance(arch, LateFusion):
         return SpatialModel({s: a.feat_shape[-1] for s, a in arch.streams.items()}, arch.num_classes, hidden)
     return SpatialModel(arch.feat_shape[-1], arch.num_classes, hidden)
@@ -257,6 +276,19 @@ def pgd(student: SpatialModel, x: Inputs, teacher_logits: Tensor, epsilon: float
         current = [_clamp(t + torch.maximum(torch.minimum(c + step_fraction * r * g.sign() - t, r), -r), t)
                    for t, c, r, g in zip(clean, current, radius, grads)]
     return _rebuild(x, [c.detach() for c in current])
+
+
+def pixel_fgsm(student: nn.Module, x: Tensor, teacher_logits: Tensor, pixels: PixelSpace, epsilon: float,
+               steps: int) -> Tensor:
+    """Eq. 8 on frames, as the official code iterates it: ``steps`` steps of ε/steps [0, 1]-pixel units in the sign
+    of the gradients of L_kd accumulated so far (momentum 1 over the raw gradients), each clamped to the image.
+    The steps add up to at most ε per pixel, so no projection is needed; detached."""
+    step = epsilon / steps * pixels.unit(x)
+    current, accumulated = x.detach(), torch.zeros_like(x)
+    for _ in range(steps):
+        accumulated = accumulated + _kd_gradient(student, [current], current, teacher_logits)[0]
+        current = pixels.clamp(current + step * accumulated.sign()).detach()
+    return current
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,10 +456,20 @@ class DRLAug(SpatialAdversary):
         "drl_pgd_steps": HParam(7, "PGD iterations", "code pgd-e3-i7.yaml (iters 7)", interval="[1, inf)"),
         "drl_pgd_step": HParam(0.27, "PGD step size as a fraction of ε", "code pgd-e3-i7.yaml (α = 0.008 at "
                                "ε = 0.03)", interval="(0, inf)"),
+        "drl_pixel_epsilon": HParam(0.03, "ε on frames (vidshift finetune), in [0, 1] pixel units",
+                                    "code fgsm-e3-i5.yaml (eps 0.03)", interval="[0, inf)"),
+        "drl_pixel_steps": HParam(5, "FGSM iterations on frames (vidshift finetune), each of ε / steps",
+                                  "code fgsm-e3-i5.yaml (iters 5)", interval="[1, inf)"),
     }
 
     def perturb(self, x: Inputs, teacher_logits: Tensor) -> Inputs:
         h = self.hparams
+        if self.arch.pixels is not None:
+            if h["drl_attack"] != "fgsm":
+                raise HeadError("drl-aug on frames runs the official code's iterative FGSM (drl_pixel_epsilon, "
+                                "drl_pixel_steps); drl_attack=pgd is for cached features")
+            return pixel_fgsm(self.spatial, x, teacher_logits, self.arch.pixels, h["drl_pixel_epsilon"],
+                              h["drl_pixel_steps"])
         if h["drl_attack"] == "pgd":
             return pgd(self.spatial, x, teacher_logits, h["drl_epsilon"], h["drl_pgd_steps"], h["drl_pgd_step"])
         return fgsm(self.spatial, x, teacher_logits, h["drl_epsilon"])

@@ -264,11 +264,13 @@ def fallback_parts(arch_cls: type[Architecture], method_cls: type[Method], hpara
 
 
 def build(arch: str, method: str, feat_shape: tuple[int, ...] | dict[str, tuple[int, ...]], num_classes: int,
-          num_segments: int, overrides: dict) -> Method:
+          num_segments: int, overrides: dict,
+          wrap: Callable[[Architecture], Architecture] | None = None) -> Method:
     """The method ``method`` over architecture ``arch``, with the pair's defaults plus ``overrides``.
 
     ``feat_shape`` is one step's feature shape, or {stream: shape} for late fusion of several streams (one
-    architecture per stream, ``heads/fusion.py``).
+    architecture per stream, ``heads/fusion.py``). ``wrap`` replaces the architecture by what the method then
+    trains, e.g. the architecture behind a backbone that reads frames (``vidshift finetune``).
     """
     from heads.fusion import LateFusion   # fusion builds on Architecture; imported here to keep the order plain
 
@@ -284,6 +286,8 @@ def build(arch: str, method: str, feat_shape: tuple[int, ...] | dict[str, tuple[
                             for stream, shape in feat_shape.items()})
     else:
         model = arch_cls(feat_shape, num_classes, num_segments, hparams)
+    if wrap is not None:
+        model = wrap(model)
     trained = method_cls(model, hparams)
     trained.setup_optimizers()
     return trained

@@ -2,7 +2,8 @@
 
 A video's style is the per-channel mean and std of its features over (N, H, W). Mixing re-normalises each video
 with its own style and re-scales it with a convex mix of its style and a partner's. Here it acts on cached maps
-[B, N, H, W, C]; the in-backbone version (STDN mixes after ResNet layers 1-3) is left to the end-to-end mode.
+[B, N, H, W, C]; the end-to-end mode (``pipelines/finetune_model.py``) applies it inside the backbone after
+ResNet layers 1-3, as STDN does, on the maps [B, N, h, w, C] of each layer.
 """
 from __future__ import annotations
 

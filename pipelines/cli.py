@@ -23,6 +23,7 @@ from extract.synth import SynthConfig, describe, generate
 import heads
 from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
+from pipelines.cli_finetune import finetune
 from pipelines.cli_store import STORE, cache_option, diff, merge, pack, subset
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
@@ -154,6 +155,7 @@ def store() -> None:
 
 main.add_command(manifest)
 main.add_command(diagnose)
+main.add_command(finetune)
 store.add_command(import_, "import")
 store.add_command(export)
 for command in (merge, diff, subset, pack):

@@ -70,7 +70,43 @@ def combine_streams(per_stream: dict[str, torch.Tensor], fusion: str) -> Inputs:
     return per_stream if fusion == "late" else torch.cat(list(per_stream.values()), dim=-1)
 
 
-class FeatureSet:
+class PlannedVideos:
+    """Videos whose batches are planned in the main process: a subclass has ``n_steps`` [V] (time steps per
+    video: a store's steps, or a raw video's frames in end-to-end mode) and ``__len__``."""
+
+    n_steps: np.ndarray
+
+    def eval_plans(self, num_segments: int, batch_size: int, order: np.ndarray | None = None) -> list[BatchPlan]:
+        """Every video once, at its segment centres: in order, or in ``order`` (a permutation of the videos, or
+        of some of them)."""
+        order = np.arange(len(self)) if order is None else order
+        steps = np.stack([centre_steps(self.n_steps[v], num_segments) for v in order])
+        return [BatchPlan(order[i:i + batch_size], steps[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+    def epoch_plans(self, num_segments: int, batch_size: int, num_batches: int, sampling: str,
+                    generator: torch.Generator, extra: int = 0) -> list[BatchPlan]:
+        """``num_batches`` batches drawn without replacement, reshuffling whenever the videos run out.
+
+        With ``extra`` added examples, batches are drawn from the videos and those examples together (positions
+        from ``len(self)`` on are the examples), so each is seen once per epoch as a video is.
+        """
+        order = []
+        while len(order) < num_batches * batch_size:
+            order.extend(torch.randperm(len(self) + extra, generator=generator).tolist())
+        plans = []
+        for b in range(num_batches):
+            drawn = np.array(order[b * batch_size:(b + 1) * batch_size])
+            videos, added = drawn[drawn < len(self)], drawn[drawn >= len(self)] - len(self)
+            if sampling == "centre":
+                steps = [centre_steps(self.n_steps[v], num_segments) for v in videos]
+            else:
+                steps = [random_steps(self.n_steps[v], num_segments, generator) for v in videos]
+            plans.append(BatchPlan(videos, np.array(steps, dtype=np.int64).reshape(len(videos), num_segments),
+                                   added))
+        return plans
+
+
+class FeatureSet(PlannedVideos):
     """The videos of one domain and split: ids, labels (None for unlabelled target data) and their features,
     in one or several streams of a store (combined as ``fusion`` says, :func:`combine_streams`)."""
 
@@ -163,34 +199,6 @@ class FeatureSet:
         return combine_streams({stream: torch.from_numpy(self.store.read_record(self.records[stream][video],
                                                                                 self.array, steps)).float()
                                 for stream in self.streams}, self.fusion)
-
-    def eval_plans(self, num_segments: int, batch_size: int, order: np.ndarray | None = None) -> list[BatchPlan]:
-        """Every video once, at its segment centres: in order, or in ``order`` (a permutation of the videos)."""
-        order = np.arange(len(self)) if order is None else order
-        steps = np.stack([centre_steps(self.n_steps[v], num_segments) for v in order])
-        return [BatchPlan(order[i:i + batch_size], steps[i:i + batch_size]) for i in range(0, len(self), batch_size)]
-
-    def epoch_plans(self, num_segments: int, batch_size: int, num_batches: int, sampling: str,
-                    generator: torch.Generator, extra: int = 0) -> list[BatchPlan]:
-        """``num_batches`` batches drawn without replacement, reshuffling whenever the videos run out.
-
-        With ``extra`` added examples, batches are drawn from the videos and those examples together (positions
-        from ``len(self)`` on are the examples), so each is seen once per epoch as a video is.
-        """
-        order = []
-        while len(order) < num_batches * batch_size:
-            order.extend(torch.randperm(len(self) + extra, generator=generator).tolist())
-        plans = []
-        for b in range(num_batches):
-            drawn = np.array(order[b * batch_size:(b + 1) * batch_size])
-            videos, added = drawn[drawn < len(self)], drawn[drawn >= len(self)] - len(self)
-            if sampling == "centre":
-                steps = [centre_steps(self.n_steps[v], num_segments) for v in videos]
-            else:
-                steps = [random_steps(self.n_steps[v], num_segments, generator) for v in videos]
-            plans.append(BatchPlan(videos, np.array(steps, dtype=np.int64).reshape(len(videos), num_segments),
-                                   added))
-        return plans
 
 
 class _PlanDataset(Dataset):

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -21,6 +22,8 @@ from data_manifests.epic_kitchens import UNLABELLED
 from extract.manifest import VideoEntry, read_manifest
 from extract.store import FeatureStore, StoreError
 from pipelines.data import FeatureSet
+
+Split = TypeVar("Split")   # what a run's open_split makes of a domain's split (a FeatureSet, a VideoSet)
 
 
 class RunError(ValueError):
@@ -151,28 +154,41 @@ def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str,
 
 
 def load_run_inputs(config, array: str) -> RunInputs:
-    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits.
-
-    ``target-only`` trains on the target's labelled train split (the upper bound of STCDA Tables 1-2) and selects
-    on the target's val split when that is not the split it reports; the classes stay the source's, so its numbers
-    compare with the DG/DA runs of the same pair.
-    """
+    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits."""
     entries = read_manifest(config.manifest)
     store = FeatureStore.open(config.store)
     missing = [stream for stream in config.streams if stream not in store.streams]
     if missing:
         raise StoreError(f"{store.root}: no stream {', '.join(map(repr, missing))}; it has {', '.join(store.streams)}")
-    domains = sorted({entry.domain for entry in entries})
-    for role, domain in (("--source", config.source), ("--target", config.target)):
-        if domain is not None and domain not in domains:
-            raise RunError(f"{role} {domain!r} is not a domain of {config.manifest}; its domains are "
-                           f"{', '.join(domains)}")
-    classes = source_classes(entries, config.source)
+    classes = source_classes(entries, check_domains(config, entries))
 
     def open_split(domain: str, split: str, labelled: bool = True) -> FeatureSet | None:
         return open_feature_set(store, select(entries, domain, split), array, classes, config.streams,
                                 config.skip_missing, labelled, config.fusion)
 
+    sets = open_run_splits(config, entries, open_split)
+    return RunInputs(store, classes, feature_shape(store, array, config.streams, config.fusion), *sets)
+
+
+def check_domains(config, entries: list[VideoEntry]) -> str:
+    """The source domain, after checking that ``config``'s --source and --target are domains of the manifest."""
+    domains = sorted({entry.domain for entry in entries})
+    for role, domain in (("--source", config.source), ("--target", config.target)):
+        if domain is not None and domain not in domains:
+            raise RunError(f"{role} {domain!r} is not a domain of {config.manifest}; its domains are "
+                           f"{', '.join(domains)}")
+    return config.source
+
+
+def open_run_splits(config, entries: list[VideoEntry], open_split: Callable[..., Split | None]
+                    ) -> tuple[Split, Split | None, Split | None, Split | None]:
+    """The run's (train, train domain's val, target train, target eval) sets, each made by
+    ``open_split(domain, split, labelled=True)`` (None where it has no videos), with clear errors for missing ones.
+
+    ``target-only`` trains on the target's labelled train split (the upper bound of STCDA Tables 1-2) and selects
+    on the target's val split when that is not the split it reports; the classes stay the source's, so its numbers
+    compare with the DG/DA runs of the same pair.
+    """
     target_train = target_eval = None
     eval_split = None
     if config.target:
@@ -193,5 +209,4 @@ def load_run_inputs(config, array: str) -> RunInputs:
         target_train = open_split(config.target, "train", labelled=False)  # target labels never load
         if target_train is None:
             raise RunError(f"--setting da needs the target's train split; {config.target!r} has none")
-    return RunInputs(store, classes, feature_shape(store, array, config.streams, config.fusion), train_set,
-                     train_val, target_train, target_eval)
+    return train_set, train_val, target_train, target_eval
