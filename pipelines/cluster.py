@@ -18,7 +18,8 @@ nothing of training: a task is any importable function of picklable arguments.
   (scale to N jobs, default: the slots) or ``adapt: {minimum_jobs: 0, maximum_jobs: N}`` (adaptive scaling).
   The dashboard's address is printed. Dask reschedules a dead worker's task elsewhere (up to
   ``distributed.scheduler.allowed-failures`` times, then the task fails with ``KilledWorker``).
-Local dask workers are started non-daemonic, so a task may start DataLoader worker processes of its own.
+Local dask workers are started non-daemonic, so a task may start DataLoader worker processes of its own; dask's
+nanny sets ``OMP_NUM_THREADS=1`` in them (one torch thread per task), as we want.
 """
 from __future__ import annotations
 
@@ -136,8 +137,6 @@ def dask_executor(text: str, workers: int, echo: Callable[[str], None] = print) 
         client = Client(cluster if cluster is not None else address.address)
     try:
         echo(f"dask cluster {text}: dashboard {client.dashboard_link}")
-        if address.kind == "local":
-            client.run(limit_threads, threads_per_worker(count))
         yield client.get_executor(pure=False)
     finally:
         client.close()

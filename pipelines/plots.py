@@ -42,7 +42,8 @@ def _pyplot():
 
 
 def slug(*parts) -> str:
-    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", "-".join(str(p) for p in parts)).strip("_")
+    text = "-".join(str(p) for p in parts).replace("->", "_to_")
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_")
 
 
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -111,6 +112,7 @@ def hparam_plots(records: list[dict], out: Path) -> list[Path]:
 
 def _save(figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout(rect=(0, 0, 1, 0.94))   # room for the suptitle
     figure.savefig(path, dpi=DPI)
     _pyplot().close(figure)
     return path
