@@ -118,7 +118,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(swept):
     assert report.exit_code == 0 and "2 finished, 2 failed" in report.output
 
 
-def test_runs_of_one_process_share_features_without_changing_a_number(swept, tmp_path):
+def test_runs_of_one_process_share_features_without_changing_a_number(swept, tmp_path, one_thread):
     _, out, result = swept
     assert "feature sets shared with earlier runs of its process" in result.output
     dann = next(r for r in json.loads((out / "sweep.json").read_text())["runs"]
@@ -133,7 +133,7 @@ def test_runs_of_one_process_share_features_without_changing_a_number(swept, tmp
     assert cache.open_store(config.store) is store
 
 
-def test_report_figures_of_real_runs(swept):
+def test_report_figures_of_real_runs(swept, one_thread):
     _, out, _ = swept
     dann = next(r for r in json.loads((out / "sweep.json").read_text())["runs"]
                 if r["row"]["method"] == "dann" and r["direction"]["name"] == "src->tgt")
@@ -146,10 +146,10 @@ def test_report_figures_of_real_runs(swept):
     assert Image.open(plots / f"confusion-{dann['name']}.png").format == "PNG"
 
 
-def test_a_sweep_killed_mid_way_skips_finished_runs_and_resumes_the_killed_one(data, tmp_path):
+def test_a_sweep_killed_mid_way_skips_finished_runs_and_resumes_the_killed_one(data, tmp_path, one_thread):
     spec = write_spec(data, directions=["src->tgt"],
                       runs=[{"head": "tempooling", "method": "erm"},
-                            {"head": "tempooling", "method": "erm", "setting": "target-only", "set": {"epochs": 25}}])
+                            {"head": "tempooling", "method": "erm", "setting": "target-only", "set": {"epochs": 12}}])
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", str(spec), "--out", str(out)],
@@ -172,7 +172,7 @@ def test_a_sweep_killed_mid_way_skips_finished_runs_and_resumes_the_killed_one(d
     assert resumed.exit_code == 0, resumed.output
     assert "1 of 2 runs already finished (skipped)" in resumed.output
     assert f"resuming erm on tempooling (target-only) after epoch {killed_after} [src->tgt, seed 0]" in resumed.output
-    assert json.loads(metrics.read_text())["final"]["epochs_run"] == 25
+    assert json.loads(metrics.read_text())["final"]["epochs_run"] == 12
     assert (out / "runs" / first / "metrics.json").stat().st_mtime_ns == finished_at
 
 
