@@ -25,6 +25,7 @@ from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
 from pipelines.cli_finetune import finetune
 from pipelines.cli_store import STORE, cache_option, diff, merge, pack, subset
+from pipelines.cli_sweep import report, sweep
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
 from pipelines.evaluate import ENSEMBLE_RULES, evaluate_ensemble, evaluate_run
@@ -156,6 +157,8 @@ def store() -> None:
 main.add_command(manifest)
 main.add_command(diagnose)
 main.add_command(finetune)
+main.add_command(sweep)
+main.add_command(report)
 store.add_command(import_, "import")
 store.add_command(export)
 for command in (merge, diff, subset, pack):

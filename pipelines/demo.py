@@ -1,17 +1,17 @@
-"""``vidshift demo``: synth -> extract -> train a grid of (method, architecture) runs -> a table of accuracies.
+"""``vidshift demo``: synth -> extract -> a sweep of (method, architecture) runs -> the report's tables.
 
 Everything runs on a laptop CPU in minutes: a random-init ResNet-18 at a small frame size extracts the built-in
 synthetic dataset (classes defined by motion, a background colour that gives the class away in the source domain
 only), then ``DEMO_RUNS`` train: every method on one architecture it runs on, every architecture with ERM, and
 the two rows that frame the table, source-only (ERM, dg) and target-only (ERM trained on the target's labels), so
-the gap a DG/DA method may close is visible and shown to be learnable. Re-running reuses the videos and the store
-(the extraction resumes) and each run: a finished run as it is, a killed one resumed; a run made with other
-settings (another --epochs, say) is moved aside (``<run>.replaced-<time>``) and retrained.
+the gap a DG/DA method may close is visible and shown to be learnable. The runs go through ``vidshift sweep``'s
+machinery (``pipelines/sweep.py``, one slot: this process, features loaded once) into ``runs/<method>-<arch>-<setting>``
+and the table is ``vidshift report``'s. Re-running reuses the videos and the store (the extraction resumes) and
+each run: a finished run as it is, a killed one resumed; a run made with other settings (another --epochs, say)
+is moved aside (``<run>.replaced-<time>``) and retrained.
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,10 @@ from extract.run import ExtractConfig, run_extract
 from extract.synth import CLASSES, SynthConfig, describe, generate
 import heads
 from heads.method import hparam_specs, lookup, presets_for
-from pipelines.train import RunMismatch, TrainConfig, train
+from pipelines.report import write_report
+from pipelines.runs import RunError
+from pipelines.sweep import run_sweep
+from pipelines.sweep_spec import Direction, Group, PlannedRun, SweepSpec, plan
 
 # Small-data settings. The paper defaults assume thousands of pretrained-backbone features: on 72 source videos of
 # random-init ResNet-18 features (mean ~0.9, small class-dependent variation) SGD at lr 0.03 blows up in the first
@@ -99,53 +102,33 @@ def prepare_store(config: DemoConfig, echo=print) -> tuple[Path, SynthConfig]:
     return manifest, synth
 
 
+def demo_spec(config: DemoConfig, manifest: Path, synth: SynthConfig) -> SweepSpec:
+    """The demo's runs as a sweep: one direction (source -> target), one seed, ``demo_runs`` as the rows."""
+    source, target = synth.domains[0], synth.domains[1]
+    direction = Direction(f"{source}->{target}", source, target, str(Path(config.out) / "store"), manifest)
+    groups = [Group((arch,), (method,), setting, None, None, {**demo_overrides(arch, method), "epochs": config.epochs},
+                    {}, None, {}) for arch, method, setting in demo_runs(config.heads, config.methods)]
+    return SweepSpec([direction], groups, [config.seed], source="vidshift demo")
+
+
+def demo_run_name(run: PlannedRun) -> str:
+    """runs/<method>-<architecture>-<setting>, as before sweeps: the demo has one run per row."""
+    return f"{run.row['method']}-{run.row['head']}-{run.row['setting']}"
+
+
 def run_demo(config: DemoConfig, echo=print) -> list[dict]:
+    """The demo's store, its runs through ``vidshift sweep`` (one slot, in this process) and the report's tables,
+    written to OUT/results.md (and OUT/report/); returns the report's records."""
     out = Path(config.out)
     manifest, synth = prepare_store(config, echo)
-    source, target = synth.domains[0], synth.domains[1]
-    rows = []
-    for arch, method, setting in demo_runs(config.heads, config.methods):
-        overrides = {**demo_overrides(arch, method), "epochs": config.epochs}
-        report = train_or_reuse(TrainConfig(store=out / "store", manifest=manifest, head=arch, method=method,
-                                            source=source, target=target, setting=setting, hparams=overrides,
-                                            seed=config.seed, out=out / "runs" / f"{method}-{arch}-{setting}"), echo)
-        rows.append({"method": method, "head": arch, "setting": setting, "input": heads.architectures()[arch].input,
-                     **report["final"]})
-    table = format_table(rows, source, target)
+    runs = plan(demo_spec(config, manifest, synth), out, namer=demo_run_name)
+    summary = run_sweep(runs, out, "vidshift demo", echo=echo)
+    if summary.failed:
+        raise RunError("demo runs failed (each error is in runs/<run>/failed.json): "
+                       + "; ".join(f"{name}: {error}" for name, error in summary.failed.items()))
+    result = write_report(out)
+    table = result["texts"]["md"] + (f"\nChance is {1 / len(CLASSES):.3f} ({len(CLASSES)} classes). Figures: "
+                                     f"`vidshift report {out} --run ta3n-trn-da` (curves, t-SNE, confusion).")
     echo(table)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    return rows
-
-
-def train_or_reuse(config: TrainConfig, echo=print) -> dict:
-    """Train one demo run; a finished run returns at once, a killed one resumes, one with other settings retrains."""
-    label = f"{config.method} on {config.head} ({config.setting})"
-    metrics = Path(config.out) / "metrics.json"
-    done = json.loads(metrics.read_text())["final"]["epochs_run"] if metrics.is_file() else 0
-    if done < config.hparams["epochs"]:
-        echo(f"resuming {label} after epoch {done} ..." if done else f"training {label} ...")
-    try:
-        return train(config, resume=True)
-    except RunMismatch as mismatch:  # the trainer refuses to resume a run made with other settings
-        kept = Path(config.out).with_name(f"{Path(config.out).name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        echo(f"retraining {label}: its {mismatch.key} changed since the run in {config.out}; "
-             f"the old run is kept as {kept}")
-        Path(config.out).rename(kept)  # nothing already computed is lost
-        return train(config)
-
-
-def format_table(rows: list[dict], source: str, target: str) -> str:
-    header = (f"| method | architecture | setting | input | train-domain val | {target} (selected on val) "
-              f"| {target} (last) | {target} oracle* |")
-    lines = [header, "|" + "---|" * 8]
-    for row in rows:
-        cells = [row["method"], row["head"], row["setting"], row["input"]] + [
-            f"{row[key]:.3f}" if row.get(key) is not None else "-"
-            for key in ("src_val_acc_selected", "target_acc_selected", "target_acc_last", "oracle_target_acc")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nTrain domain: {source} (val: {source} val), except target-only: {target} train (val: {target} "
-                 f"val). erm in dg is the source-only row, erm in target-only the upper bound.")
-    lines.append(f"*oracle: best {target} epoch, chosen with target labels (what TA3N/APN's official code report); "
-                 f"not a valid DG/DA result. Chance is {1 / len(CLASSES):.3f} ({len(CLASSES)} classes).")
-    return "\n".join(lines)
+    return result["records"]

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 
@@ -24,6 +24,9 @@ from extract.store import FeatureStore, StoreError
 from pipelines.data import FeatureSet
 
 Split = TypeVar("Split")   # what a run's open_split makes of a domain's split (a FeatureSet, a VideoSet)
+
+if TYPE_CHECKING:
+    from pipelines.feature_cache import FeatureCache
 
 
 class RunError(ValueError):
@@ -153,18 +156,26 @@ def open_feature_set(store: FeatureStore, entries: list[VideoEntry], array: str,
     return FeatureSet(store, entries, array, {name: i for i, name in enumerate(classes)}, labelled, streams, fusion)
 
 
-def load_run_inputs(config, array: str) -> RunInputs:
-    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits."""
+def load_run_inputs(config, array: str, cache: FeatureCache | None = None) -> RunInputs:
+    """The four feature sets of a run (``config`` is a TrainConfig); clear errors for missing domains/splits.
+
+    With a ``cache`` (a sweep's worker process), the store and the sets come from it: shared with earlier runs.
+
+    ``target-only`` trains on the target's labelled train split (the upper bound of STCDA Tables 1-2) and selects
+    on the target's val split when that is not the split it reports; the classes stay the source's, so its numbers
+    compare with the DG/DA runs of the same pair.
+    """
     entries = read_manifest(config.manifest)
-    store = FeatureStore.open(config.store)
+    store = cache.open_store(config.store) if cache else FeatureStore.open(config.store)
     missing = [stream for stream in config.streams if stream not in store.streams]
     if missing:
         raise StoreError(f"{store.root}: no stream {', '.join(map(repr, missing))}; it has {', '.join(store.streams)}")
     classes = source_classes(entries, check_domains(config, entries))
 
     def open_split(domain: str, split: str, labelled: bool = True) -> FeatureSet | None:
-        return open_feature_set(store, select(entries, domain, split), array, classes, config.streams,
-                                config.skip_missing, labelled, config.fusion)
+        opener = cache.feature_set if cache else open_feature_set
+        return opener(store, select(entries, domain, split), array, classes, config.streams, config.skip_missing,
+                      labelled, config.fusion)
 
     sets = open_run_splits(config, entries, open_split)
     return RunInputs(store, classes, feature_shape(store, array, config.streams, config.fusion), *sets)

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import yaml
@@ -44,6 +44,9 @@ from pipelines.data import FUSIONS, TRAIN_SAMPLINGS, FeatureSet, iterate, place_
 from pipelines.dynamic_score import run_dynamic_score
 from pipelines.evaluate import accuracy_report, predict
 from pipelines.runs import RunError, RunInputs, load_run_inputs, resolve_device, save_atomic, store_identity
+
+if TYPE_CHECKING:
+    from pipelines.feature_cache import FeatureCache
 
 log = logging.getLogger("vidshift.train")
 SETTINGS = ("dg", "da", "target-only")
@@ -160,8 +163,12 @@ def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict]:
     return replace(config, train_sampling=sampling, streams=tuple(config.streams)), overrides
 
 
-def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
-    """Run (or resume) one training run; return the final report written to ``metrics.json``."""
+def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
+          cache: FeatureCache | None = None) -> dict:
+    """Run (or resume) one training run; return the final report written to ``metrics.json``.
+
+    ``cache``: features shared with the earlier runs of this process (a sweep's worker, ``pipelines/sweep.py``).
+    """
     config, overrides = resolve_config(config)
     arch_cls, _ = lookup(config.head, config.method)
     out = Path(config.out)
@@ -171,7 +178,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     _log_to(out / "train.log")
     device = resolve_device(config.device)
-    inputs = load_run_inputs(config, arch_cls.input)
+    inputs = load_run_inputs(config, arch_cls.input, cache)
     run_record = {"config": config.as_dict(),
                   "hparams": heads.resolve_hparams(config.head, config.method, overrides),
                   "classes": inputs.classes, "store": store_identity(inputs.store, config.streams),
@@ -186,8 +193,9 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                         overrides)
     model.to(device)
     hp = model.hparams
-    where = place_features(inputs.steps_read(config.train_sampling, config.num_segments), config.features, device,
-                           memory_budget(device, config.memory_budget_gb))
+    where = (cache.place if cache else place_features)(inputs.steps_read(config.train_sampling, config.num_segments),
+                                                       config.features, device,
+                                                       memory_budget(device, config.memory_budget_gb))
     log.info("%s on %s (%d parameters), %s, streams %s, features %s", config.method, config.head,
              sum(p.numel() for p in model.parameters()), config.setting, "+".join(config.streams), where)
     log.info("GRL/lr schedules and all hparams: %s", json.dumps(hp))
@@ -309,20 +317,21 @@ def _evaluate_epoch(model: Method, inputs: RunInputs, config: TrainConfig, devic
     return results
 
 
-def _selection_key(record: dict) -> float:
-    # Source val when there is one; without it (no val split) the last epoch is the only honest choice.
+def selection_key(record: dict) -> float:
+    """What selects an epoch: source val when there is one; without it (no val split) the last epoch is the only
+    honest choice (``pipelines/report.py`` selects the same way)."""
     return record.get("src_val_acc", record["epoch"])
 
 
 def _is_best(history: list[dict]) -> bool:
     """Whether the newest epoch is the selected one so far (ties keep the earlier epoch)."""
-    return _selection_key(history[-1]) > max((_selection_key(r) for r in history[:-1]), default=-math.inf)
+    return selection_key(history[-1]) > max((selection_key(r) for r in history[:-1]), default=-math.inf)
 
 
 def _write_metrics(out: Path, history: list[dict], config: TrainConfig, dynamic_score: dict | None = None) -> dict:
     final = {"epochs_run": len(history)}
     if history:
-        best = max(history, key=_selection_key)  # max returns the first of ties, as _is_best
+        best = max(history, key=selection_key)  # max returns the first of ties, as _is_best
         val_of = "target" if config.setting == "target-only" else "source"
         final.update(selected_epoch=best["epoch"], selection=f"{val_of} val accuracy" if "src_val_acc" in best
                      else f"last epoch (no {val_of} val split apart from the reported one)",
