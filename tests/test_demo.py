@@ -44,7 +44,8 @@ def test_demo_trains_every_method_and_architecture_with_the_bounds(demo_out):
         assert epochs_run(demo_out, f"{method}-{arch}-{setting}") == 1
     rerun = CliRunner().invoke(main, ["demo", "--out", str(demo_out), *TINY, "--epochs", "1"])
     # reuses videos, store and finished runs
-    assert rerun.exit_code == 0 and "240 extracted" not in rerun.output and "training" not in rerun.output
+    assert rerun.exit_code == 0 and "240 extracted" not in rerun.output and "\nfinished " not in rerun.output
+    assert f"{len(expected)} of {len(expected)} runs already finished (skipped)" in rerun.output
 
 
 def test_demo_retrains_on_other_epochs_and_resumes_a_killed_run(demo_out, tmp_path):
