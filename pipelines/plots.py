@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +145,9 @@ def _eval_split(entries, domain: str) -> str:
     return "test" if select(entries, domain, "test") else "val"
 
 
-def _domain_features(run_dir: Path, config: dict, device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The run's video features z and labels on each domain's eval split (test, else val)."""
-    from pipelines.diagnose import video_features
+def _per_domain(run_dir: Path, config: dict, device: str,
+                features_of: Callable) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each domain's eval split (test, else val): (``features_of(run, feature_set, role)``, its labels)."""
     from pipelines.evaluate import load_run
 
     run = load_run(run_dir, config["store"], "best", device)
@@ -155,30 +156,34 @@ def _domain_features(run_dir: Path, config: dict, device: str) -> dict[str, tupl
     for role in ("source", "target"):
         domain = config[role]
         feature_set = run.open_features(select(entries, domain, _eval_split(entries, domain)))
-        run.model.set_eval_domain(role)
-        z, _ = video_features(run.model, feature_set, config["num_segments"], 0, run.device)
-        result[role] = (z, feature_set.labels)
+        result[role] = (features_of(run, feature_set, role), feature_set.labels)
     return result
+
+
+def _domain_features(run_dir: Path, config: dict, device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The run's video features z and labels on each domain's eval split (test, else val)."""
+    from pipelines.diagnose import video_features
+
+    def video_z(run, feature_set, role: str) -> torch.Tensor:
+        run.model.set_eval_domain(role)
+        return video_features(run.model, feature_set, config["num_segments"], 0, run.device)[0]
+
+    return _per_domain(run_dir, config, device, video_z)
 
 
 def _backbone_features(run_dir: Path, config: dict, device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The cached input features of each domain's eval split, averaged over segments (and positions)."""
     from pipelines.data import iterate
-    from pipelines.evaluate import load_run
 
-    run = load_run(run_dir, config["store"], "best", device)
-    entries = read_manifest(config["manifest"])
-    result = {}
-    for role in ("source", "target"):
-        domain = config[role]
-        feature_set = run.open_features(select(entries, domain, _eval_split(entries, domain)))
+    def mean_inputs(_run, feature_set, _role: str) -> torch.Tensor:
         plans = feature_set.eval_plans(config["num_segments"], 256)
         rows = []
         for _, x in iterate(feature_set, plans, 0, torch.device("cpu")):
             tensors = x.values() if isinstance(x, dict) else [x]
             rows.append(torch.cat([t.flatten(1, -2).mean(dim=1) for t in tensors], dim=1))
-        result[role] = (torch.cat(rows), feature_set.labels)
-    return result
+        return torch.cat(rows)
+
+    return _per_domain(run_dir, config, device, mean_inputs)
 
 
 def _tsne_panel(axis, features: dict, title: str, seed: int) -> None:
