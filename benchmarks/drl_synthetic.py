@@ -4,8 +4,8 @@
 
 Uses the demo's data and store under ``--out`` (made as ``vidshift demo`` makes them, random-init ResNet-18 at
 112 px, 8 steps per clip, when they are not there yet; an existing store is only read) and trains, for every
-architecture and method, one DG run per seed with the demo's small-data settings (``pipelines/demo.py``) under
-``OUT/drl_runs``; finished runs are reused. Prints a markdown table and writes it to ``OUT/drl_synthetic.md``:
+architecture and method, one DG run per seed with the demo's small-data settings (``pipelines/demo.py``), as a
+sweep (``pipelines/sweep.py``) into ``OUT/drl_sweep/runs/<method>-<architecture>-s<seed>``; finished runs are reused. Prints a markdown table and writes it to ``OUT/drl_synthetic.md``:
 the source-val and target accuracy at the epoch selected on source val, the dynamic score of the selected model on
 the target's test split (eq. 4 frozen / shuffled, eq. 2 distilled; nats), and, for drl-aug / drl-minmax, the
 training accuracy of their spatial model in the last epoch. Below it, the datasets' static bias (eq. 5, from
@@ -24,9 +24,10 @@ from pathlib import Path
 # repository root takes its place, as in benchmarks/train.py.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipelines.demo import DemoConfig, demo_overrides, prepare_store, train_or_reuse  # noqa: E402
+from pipelines.demo import DemoConfig, demo_overrides, prepare_store  # noqa: E402
 from pipelines.diagnose import diagnose_run  # noqa: E402
-from pipelines.train import TrainConfig  # noqa: E402
+from pipelines.sweep import run_sweep  # noqa: E402
+from pipelines.sweep_spec import Direction, Group, SweepSpec, plan  # noqa: E402
 
 HEADS = ("stdn", "trn", "tempooling")
 METHODS = ("erm", "drl-fast", "drl-aug", "drl-minmax")
@@ -49,18 +50,16 @@ def main() -> None:
     args = parser.parse_args()
     manifest, synth = prepare_store(DemoConfig(out=args.out))
     source, target = synth.domains[0], synth.domains[1]
-    rows, first_run = [], None
-    for head in args.heads:
-        for method in args.methods:
-            reports = []
-            for seed in args.seeds:
-                out = args.out / "drl_runs" / f"{method}-{head}-s{seed}"
-                config = TrainConfig(store=args.out / "store", manifest=manifest, head=head, method=method,
-                                     source=source, target=target, setting="dg", seed=seed, workers=0, out=out,
-                                     hparams={**demo_overrides(head, method), "epochs": args.epochs})
-                reports.append(train_or_reuse(config))
-                first_run = first_run or out
-            rows.append((head, method, reports))
+    groups = [Group((head,), (method,), "dg", None, None, {**demo_overrides(head, method), "epochs": args.epochs},
+                    {}, None, {"workers": 0}) for head in args.heads for method in args.methods]
+    spec = SweepSpec([Direction(f"{source}->{target}", source, target, str(args.out / "store"), manifest)], groups,
+                     args.seeds, source="benchmarks/drl_synthetic.py")
+    runs = plan(spec, args.out / "drl_sweep", namer=lambda run: f"{run.row['method']}-{run.row['head']}-s{run.seed}")
+    run_sweep(runs, args.out / "drl_sweep", spec.source)
+    rows = [(head, method, [json.loads((run.config.out / "metrics.json").read_text()) for run in runs
+                            if (run.row["head"], run.row["method"]) == (head, method)])
+            for head in args.heads for method in args.methods]
+    first_run = runs[0].config.out
     lines = [f"| architecture | method | {source} val | {target} (selected on val) | γ freeze ({target}) | "
              f"γ shuffle ({target}) | γ distill ({target}) | γ freeze ({source}) | spatial model train acc |",
              "|" + "---|" * 9]

@@ -19,7 +19,7 @@ from pipelines.sweep_spec import load_spec, plan
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
               help="local: --slots worker processes on this machine; dask: a dask.distributed cluster (--cluster).")
 @click.option("--slots", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Runs in flight (local: worker processes, 1 = this process; dask: tasks submitted at a time).")
+              help="local: runs in flight, one worker process each (1: this process); dask --cluster local: its workers.")
 @click.option("--cluster", default="local", show_default=True,
               help="With --launcher dask: local[:N], tcp://HOST:PORT (a running scheduler) or slurm[:CONFIG.yaml].")
 @click.option("--dry-run", is_flag=True, help="List the planned runs and their state; train nothing, write nothing.")

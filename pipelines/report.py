@@ -35,7 +35,8 @@ from pipelines.train import selection_key
 
 SELECTIONS = ("source-val", "last", "oracle")
 TITLES = {
-    "source-val": "selected on the training domain's val split (the selection a DG/DA user can make)",
+    "source-val": "selected on the source's val split (the target's in target-only): the selection a DG/DA user "
+                  "can make",
     "last": "last epoch of each run (no early stopping)",
     "oracle": "ORACLE: selected with the target's test labels (what TA3N's and APN's official code report); "
               "not a valid DG/DA result",

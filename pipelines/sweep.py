@@ -171,7 +171,9 @@ def write_plan(runs: list[PlannedRun], out: Path, spec_source: str) -> None:
 
 def run_sweep(runs: list[PlannedRun], out: Path, spec_source: str, launcher: str = "local", slots: int = 1,
               cluster: str = "local", echo: Callable[[str], None] = print) -> SweepSummary:
-    """Execute the planned runs not yet done, at most ``slots`` in flight; write ``sweep.json`` first."""
+    """Execute the planned runs not yet done; write ``sweep.json`` first. ``local``: at most ``slots`` in flight;
+    ``dask``: all submitted at once (the scheduler spreads them over its workers; ``local`` clusters start
+    ``slots`` workers unless the address says ``local:N``)."""
     write_plan(runs, Path(out), spec_source)
     summary = SweepSummary()
     pending = []
@@ -189,8 +191,9 @@ def run_sweep(runs: list[PlannedRun], out: Path, spec_source: str, launcher: str
             tqdm(total=len(pending), desc="sweep", unit="run", disable=None) as bar:
         in_flight: dict[Future, PlannedRun] = {}
         queue = list(pending)
+        limit = slots if launcher == "local" else len(pending)
         while queue or in_flight:
-            while queue and len(in_flight) < slots:
+            while queue and len(in_flight) < limit:
                 run, state, epochs = queue.pop(0)
                 message = start_message(run, state, epochs)
                 if message:
