@@ -24,6 +24,7 @@ import heads
 from heads.method import fallback_parts, missing_parts, registered_presets
 from pipelines.cli_data import export, import_, manifest
 from pipelines.cli_finetune import finetune
+from pipelines.cli_options import run_options
 from pipelines.cli_store import STORE, cache_option, diff, merge, pack, subset
 from pipelines.cli_sweep import report, sweep
 from pipelines.demo import DemoConfig, run_demo
@@ -273,21 +274,7 @@ def split_streams(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--store", "store_path", type=STORE,
               help="Feature store: a directory, a packed .zip/.tar or a URL ($VIDSHIFT_STORE_CACHE: local copies).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Manifest of the store's videos.")
-@click.option("--head", required=True, help="Architecture; `--head help` lists architectures, methods and the matrix.")
-@click.option("--method", default="erm", show_default=True, help="Training method (DG/DA); see `--head help`.")
-@click.option("--source", help="Labelled source domain.")
-@click.option("--target", default=None, help="Target domain (unlabelled train split in da; evaluated in all).")
-@click.option("--setting", type=click.Choice(["dg", "da", "target-only"]), default="dg", show_default=True,
-              help="target-only: train on the target's labelled train split (the upper bound).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="YAML mapping of hyper-parameter overrides.")
-@click.option("--set", "assignments", multiple=True, help="name=value hyper-parameter override (repeatable).")
-@click.option("--preset", default=None, help="A named set of hyper-parameters (and trainer options) of the pair.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--segments", "num_segments", default=5, show_default=True, type=click.IntRange(min=1),
-              help="TSN segments per video.")
-@click.option("--train-sampling", type=click.Choice(["random", "centre"]), default=None,
-              help="Step per training segment [default: the preset's, else random].")
+@run_options(config_help="YAML mapping of hyper-parameter overrides.", step_noun="Step")
 @click.option("--features", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
               help="Hold features in (GPU) memory, stream them from the store, or decide from their size.")
 @click.option("--memory-budget-gb", type=click.FloatRange(min=0), default=None, help="Budget for --features auto.")

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from extract.backbones import available_backbones
+from pipelines.cli_options import run_options
 from pipelines.finetune import FinetuneConfig, finetune as run_finetune
 
 PATH = click.Path(path_type=Path)
@@ -28,21 +29,8 @@ PATH = click.Path(path_type=Path)
               help="Training crop and test centre crop S (the test resizes the shorter side to S*256/224).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Autocast of the backbone on CUDA (auto: bf16); the CPU always runs fp32.")
-@click.option("--head", required=True, help="Architecture; `--head help` lists architectures, methods and the matrix.")
-@click.option("--method", default="erm", show_default=True, help="Training method (DG/DA); see `--head help`.")
-@click.option("--source", help="Labelled source domain.")
-@click.option("--target", default=None, help="Target domain (unlabelled train split in da; evaluated in all).")
-@click.option("--setting", type=click.Choice(["dg", "da", "target-only"]), default="dg", show_default=True)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="YAML mapping of hyper-parameter overrides (the pair's and backbone_lr_mult, backbone_bn, "
-                   "mixstyle_layers, gradient_checkpointing).")
-@click.option("--set", "assignments", multiple=True, help="name=value hyper-parameter override (repeatable).")
-@click.option("--preset", default=None, help="A named set of hyper-parameters (and trainer options) of the pair.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--segments", "num_segments", default=5, show_default=True, type=click.IntRange(min=1),
-              help="TSN segments per video.")
-@click.option("--train-sampling", type=click.Choice(["random", "centre"]), default=None,
-              help="Frame per training segment [default: the preset's, else random].")
+@run_options(config_help="YAML mapping of hyper-parameter overrides (the pair's and backbone_lr_mult, backbone_bn, "
+                         "mixstyle_layers, gradient_checkpointing).", step_noun="Frame")
 @click.option("--eval-split", default=None, help="Target split to report [default: test, else val].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (torchrun: one GPU each).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
