@@ -237,19 +237,32 @@ def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: 
 
 def place_features(sets: list[tuple[FeatureSet, int | None]], where: str, device: torch.device,
                    budget_bytes: int) -> str:
-    """Load the sets into memory when ``where`` says so, or, for ``auto``, when together they fit the budget.
+    """Load the sets into memory (``memory``), stream all of them (``stream``), or, for ``auto``, hold every set
+    that fits the budget, the smallest first, and stream the rest.
 
     ``sets``: (set, the centres of how many segments the run reads of it, or None for every step); memory holds
-    only what is read.
+    only what is read. Smallest first because the evaluation sets' segment centres are a few steps per video and
+    are read again every epoch: when the training features do not fit, they still do.
     """
     if where not in FEATURE_PLACES:
         raise ValueError(f"features place {where!r}: use one of {', '.join(FEATURE_PLACES)}")
-    total = sum(feature_set.nbytes(centres_of) for feature_set, centres_of in sets)
-    if where == "memory" or (where == "auto" and total <= budget_bytes):
-        for feature_set, centres_of in sets:
-            feature_set.load(device, centres_of)
-        return f"memory ({total / 2**20:.1f} MiB on {device})"
-    return f"streamed from the store ({total / 2**20:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)"
+    sizes = [feature_set.nbytes(centres_of) for feature_set, centres_of in sets]
+    held: list[int] = []
+    if where == "memory":
+        held = list(range(len(sets)))
+    elif where == "auto":
+        for i in sorted(range(len(sets)), key=sizes.__getitem__):
+            if sum(sizes[j] for j in held) + sizes[i] <= budget_bytes:
+                held.append(i)
+    for i in held:
+        sets[i][0].load(device, sets[i][1])
+    total, in_memory = sum(sizes) / 2**20, sum(sizes[i] for i in held) / 2**20
+    if len(held) == len(sets):
+        return f"memory ({total:.1f} MiB on {device})"
+    if not held:
+        return f"streamed from the store ({total:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)"
+    return (f"{len(held)} of {len(sets)} sets in memory ({in_memory:.1f} MiB on {device}), the others streamed from "
+            f"the store ({total - in_memory:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)")
 
 
 def target_batch_size(source_batch: int, n_source: int, n_target: int) -> int:

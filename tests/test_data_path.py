@@ -77,6 +77,21 @@ def test_evaluation_sets_hold_only_their_segment_centres(tmp_path):
                        torch.stack([full.read(v, s) for v, s in zip(random_plan.videos, random_plan.steps)]))
 
 
+def test_auto_holds_the_smallest_sets_that_fit_and_streams_the_rest(tmp_path):
+    store_dir, manifest = make_feature_store(tmp_path, steps=12)
+    store = FeatureStore.open(store_dir)
+    classes = {"a": 0, "b": 1, "c": 2}
+    train_set, val_set = (FeatureSet(store, select(read_manifest(manifest), "src", split), "maps", classes)
+                          for split in ("train", "val"))
+    budget = val_set.nbytes(3)                                         # the evaluation centres, not the training set
+    where = place_features([(train_set, None), (val_set, 3)], "auto", torch.device("cpu"), budget)
+    assert val_set.in_memory and not train_set.in_memory
+    assert where.startswith("1 of 2 sets in memory") and "the others streamed" in where
+    streamed = FeatureSet(store, select(read_manifest(manifest), "src", "val"), "maps", classes)
+    assert place_features([(streamed, 3)], "stream", torch.device("cpu"), budget).startswith("streamed from")
+    assert not streamed.in_memory                                      # --features stream holds nothing, even what fits
+
+
 def test_a_run_holds_only_the_centres_of_every_set_under_centre_sampling(tmp_path):
     from pipelines.runs import load_run_inputs
     from pipelines.train import TrainConfig
