@@ -17,11 +17,12 @@ concatenated per step on the channel axis (early fusion, EPIC's ``ALL``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extract.manifest import VideoEntry
 from extract.store import FeatureStore, StoreError
@@ -131,9 +132,14 @@ class FeatureSet(PlannedVideos):
         self.n_steps = np.min(steps_per_stream, axis=0)                  # the range every stream has
         self.labels = torch.tensor([class_index[entry.label] for entry in entries]) if labelled else None
         self._memory: dict[str, tuple[torch.Tensor, np.ndarray]] | None = None
+        self.idle_loaders: dict[int, list[DataLoader]] = {}   # streaming loaders by worker count, see _streamed
 
     def __len__(self) -> int:
         return len(self.video_ids)
+
+    def __getstate__(self) -> dict:
+        # A DataLoader worker started by spawn gets a copy without the loaders (and their worker processes).
+        return {**self.__dict__, "idle_loaders": {}}
 
     def held_steps(self, video: int, centres_of: int | None) -> np.ndarray:
         """The steps of a video held in memory: every one, or the centres of ``centres_of`` segments."""
@@ -202,20 +208,49 @@ class FeatureSet(PlannedVideos):
 
 
 class _PlanDataset(Dataset):
-    """Streams the features of one BatchPlan per item from the store (used by DataLoader workers)."""
+    """Reads the features of the BatchPlan it is given as its index (in DataLoader workers)."""
 
-    def __init__(self, features: FeatureSet, plans: list[BatchPlan]) -> None:
-        self.features, self.plans = features, plans
+    def __init__(self, features: FeatureSet) -> None:
+        self.features = features
 
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, i: int) -> Inputs:
-        plan = self.plans[i]
+    def __getitem__(self, plan: BatchPlan) -> Inputs:
         if not len(plan.videos):    # a batch of added examples only (ADA)
             return {}
         videos = [self.features.read(v, s) for v, s in zip(plan.videos, plan.steps)]
         return map_inputs(lambda *per_video: torch.stack(per_video), *videos)
+
+
+class _PlanSampler(Sampler):
+    """The plans of a loader's current pass, handed to its workers as indices: a loader (and its worker
+    processes) then serves every epoch, instead of forking new workers for each pass over a set."""
+
+    def __init__(self) -> None:
+        self.plans: list[BatchPlan] = []
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
+def _streamed(features: FeatureSet, plans: list[BatchPlan], workers: int) -> Iterator[Inputs]:
+    """The features of each plan, read by ``workers`` persistent DataLoader processes (0: this process).
+
+    A set keeps its idle loaders: each pass takes one (or makes one: two passes over the same set may be in
+    flight, e.g. a method's before-epoch statistics) and gives it back when it ends or is abandoned.
+    """
+    idle = features.idle_loaders.setdefault(workers, [])
+    # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, and streaming would
+    # then change the head's dropout draws relative to in-memory training.
+    loader = idle.pop() if idle else DataLoader(
+        _PlanDataset(features), batch_size=None, sampler=_PlanSampler(), num_workers=workers,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, generator=torch.Generator())
+    loader.sampler.plans = plans
+    try:
+        yield from loader
+    finally:
+        idle.append(loader)
 
 
 def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: torch.device):
@@ -227,11 +262,7 @@ def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: 
         for plan in plans:
             yield plan, features.gather(plan)
         return
-    # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, and streaming would
-    # then change the head's dropout draws relative to in-memory training.
-    loader = DataLoader(_PlanDataset(features, plans), batch_size=None, num_workers=workers,
-                        prefetch_factor=4 if workers else None, generator=torch.Generator())
-    for plan, batch in zip(plans, loader):
+    for plan, batch in zip(plans, _streamed(features, plans, workers)):
         yield plan, map_inputs(lambda x: x.to(device), batch) if len(plan.videos) else {}
 
 
