@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from torch import nn
 from torchvision.transforms import v2
 
+from extract import backbones
 from extract.backbones import (OFFLINE_ENV, Backbone, Preprocess, WeightsUnavailable, available_backbones,
                                build_backbone, state_dict_sha256)
 from conftest import gradient_frames
@@ -271,8 +272,22 @@ def test_an_fp16_overflow_inside_the_network_suggests_another_precision():
     assert torch.isfinite(backbone(frames)).all()
 
 
-def test_device_precision_and_input_errors_are_explained():
-    with pytest.raises(ValueError, match="'bf16' is not offered on CPU.*'fp32'"):
+@pytest.mark.skipif(not backbones.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
+def test_bf16_on_a_cpu_with_native_bf16_gives_the_fp32_maps_to_bf16_rounding():
+    frames = gradient_frames(4, 64, 64)
+    exact, rounded = (tiny_backbone(precision=precision) for precision in ("fp32", "bf16"))
+    assert rounded.precision == rounded.provenance()["precision"] == "bf16"
+    reference, maps = exact(frames), rounded(frames)
+    assert maps.dtype == torch.float32                                   # back to float32 before leaving the device
+    error = (maps - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05                                              # bf16 keeps 8 bits of mantissa: ~1% here
+
+
+def test_device_precision_and_input_errors_are_explained(monkeypatch):
+    with pytest.raises(ValueError, match="'fp16' is not offered on this CPU.*'fp32'"):
+        build_backbone("resnet18", weights="none", device="cpu", precision="fp16")
+    monkeypatch.setattr(backbones, "cpu_has_native_bf16", lambda: False)   # a CPU without AVX512-BF16 / AMX
+    with pytest.raises(ValueError, match="'bf16' is not offered on this CPU.*AVX512-BF16 or AMX"):
         build_backbone("resnet18", weights="none", device="cpu", precision="bf16")
     with pytest.raises(ValueError, match="'fp64' is not one of: auto, fp32, bf16, fp16"):
         build_backbone("resnet18", weights="none", device="cpu", precision="fp64")
