@@ -25,10 +25,6 @@ import torch
 from ..manifest import file_sha256
 
 ARRAY_NAMES = ("maps", "pooled", "steps")
-# Steps per chunk of the small arrays. Maps keep one step per chunk (the read pattern is a few random steps per
-# video), but a pooled or steps row is only a few KB, and zarr pays ~1 ms per chunk whatever its size: 16 steps
-# per chunk made zarr writes 10x and whole-video reads 6x faster (benchmarks/README.md).
-SMALL_ARRAY_CHUNK_STEPS = 16
 DIGESTS_SUFFIX = ".sha256.json"  # parts/<part><suffix>: {file inside the part: sha256}, written at commit
 
 
@@ -69,14 +65,13 @@ class PartWriter:
         self.names = ARRAY_NAMES if map_shape is not None else ("pooled", "steps")
         row_shapes = {"maps": map_shape, "pooled": (channels,), "steps": (2,)}
         dtypes = {"maps": self.dtype.name, "pooled": "float32", "steps": "int32"}
-        small_chunk = math.gcd(SMALL_ARRAY_CHUNK_STEPS, shard_steps)  # a divisor of the shard: flushes stay aligned
+        # Maps keep one step per chunk (the read pattern is a few random steps per video); pooled and steps rows
+        # are a few KB, so their chunks hold as many steps as the backend reads best (small_chunk_steps), a
+        # divisor of the shard so that flushes stay aligned.
+        small_chunk = math.gcd(backend_writer.small_chunk_steps or shard_steps, shard_steps)
         chunk_steps = {"maps": 1, "pooled": small_chunk, "steps": small_chunk}
         for name in self.names:
-            # Only maps are compressed (1.67x for post-ReLU float16). Pooled float32 rows compress ~1.1x (measured
-            # on the demo store) and decoding them triples the cost of a streamed read (HDF5: 1.0 -> 0.37 ms per
-            # video of 5 TSN steps) and bounds loading them into memory.
-            self.backend.create(stream, name, row_shapes[name], dtypes[name], chunk_steps[name],
-                                compressed=name == "maps")
+            self.backend.create(stream, name, row_shapes[name], dtypes[name], chunk_steps[name])
         self.flushed = 0                                  # rows [0, flushed) are in the backend
         self.pending = {name: [] for name in self.names}  # rows [flushed, cursor) wait here
         self.cursor = 0
