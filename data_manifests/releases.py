@@ -9,6 +9,7 @@ loader per video, the stream's provenance, and the listed videos that are missin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ class Release:
     features: dict   # the stream's provenance; holds "channels"
     part_info: dict  # where the files came from, recorded in every part
     missing: list[str] = field(default_factory=list)
+    loads_files: bool = False  # each loader reads files on its own (picklable): loaders may run in processes
 
 
 def read_class_names(classes: str | None) -> dict[int, str]:
@@ -68,9 +70,9 @@ def ta3n_release(release: Path, lists: list[tuple[str, str, Path]], class_names:
     features = {"origin": "TA3N release: one torch.save'd vector per frame (img_00001.t7)", "name": "resnet101",
                 "weights": "imagenet", "layer": "avgpool", "dtype": "float32", "sampling": "all",
                 "channels": _t7_channels([folder for _, folder in pairs], release)}
-    sources = [PooledSource(entry, lambda folder=folder: load_t7_video(folder)) for entry, folder in pairs]
+    sources = [PooledSource(entry, partial(load_t7_video, folder)) for entry, folder in pairs]
     part_info = {"source": str(release.resolve()), "lists": [str(Path(path).resolve()) for _, _, path in lists]}
-    return Release(sources, features, part_info, missing)
+    return Release(sources, features, part_info, missing, loads_files=True)
 
 
 def _t7_channels(folders: list[Path], release: Path) -> int:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Sequence
@@ -35,14 +36,16 @@ from .store import FeatureStore, FeatureValueError, PartSequence, PartWriter, St
 
 IMPORT_TAG = "import"
 VIDEOS_PER_PART = 256
-DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 1))  # loader threads: file reads and unzipping wait, so more than cores
+DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 1))  # loaders: file reads and unzipping wait, so more than cores
+PROCESS_POOL_MIN_VIDEOS = 64  # below this, starting loader processes (~2 s: each imports torch) costs more than it saves
 T7_NAME = re.compile(r"^img_(\d+)\.t7$")
 EXPORT_FORMATS = ("npy", "hdf5")
 
 
 @dataclass(frozen=True)
 class PooledSource:
-    """One video to import: its manifest row and a loader returning steps [T, 2] int32 and pooled [T, C]."""
+    """One video to import: its manifest row and a loader returning steps [T, 2] int32 and pooled [T, C] (a
+    module-level function or a ``functools.partial`` of one where the loaders may run in processes)."""
 
     entry: VideoEntry
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -67,12 +70,13 @@ class ImportSummary:
 
 
 def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stream: str, features: dict,
-                  part_info: dict, jobs: int = DEFAULT_JOBS) -> ImportSummary:
+                  part_info: dict, jobs: int = DEFAULT_JOBS, processes: bool = False) -> ImportSummary:
     """Write ``sources`` into the store ``out``; resumes (skips videos already there) like extraction.
 
     ``features`` is the stream's provenance and must hold ``channels``; a video whose loader fails is recorded
-    as a failure in the store and never stops the import. ``jobs`` threads run the loaders ahead of the writer
-    (torch.load of a TA3N frame file spends most of its ~1-2 ms outside the GIL); videos are written in order,
+    as a failure in the store and never stops the import. ``jobs`` threads run the loaders ahead of the writer,
+    or with ``processes`` up to ``jobs`` worker processes, one per core at most (torch.load of a TA3N frame file
+    holds the GIL for most of its ~1 ms, so threads gained only 1.2x on 2 cores); videos are written in order,
     so the store is the same for any ``jobs``.
     """
     features = {**features, "map_shape": None, "stream": stream}
@@ -88,17 +92,18 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
                                   {**part_info, "software": provenance["software"]})
 
         with PartSequence(new_part, VIDEOS_PER_PART) as parts:
-            for source, loaded in tqdm(_loaded_in_order(todo, jobs), total=len(todo), unit="video", desc="import",
-                                       disable=None):
+            for source, loaded in tqdm(_loaded_in_order(todo, jobs, processes), total=len(todo), unit="video",
+                                       desc="import", disable=None):
                 _import_one(source.entry, loaded, parts.current(), features["channels"], summary)
                 parts.video_done()
         store.rebuild_index()
     return summary
 
 
-def _loaded_in_order(sources: Sequence[PooledSource], jobs: int) -> Iterator[tuple[PooledSource, Future]]:
+def _loaded_in_order(sources: Sequence[PooledSource], jobs: int,
+                     processes: bool) -> Iterator[tuple[PooledSource, Future]]:
     """(source, the future of its loader's result), in order, with at most 2 x ``jobs`` videos loaded ahead."""
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="import-load") as pool:
+    with _loader_pool(jobs, processes and len(sources) >= PROCESS_POOL_MIN_VIDEOS) as pool:
         ahead: deque[tuple[PooledSource, Future]] = deque()
         for source in sources:
             ahead.append((source, pool.submit(source.load)))
@@ -106,6 +111,15 @@ def _loaded_in_order(sources: Sequence[PooledSource], jobs: int) -> Iterator[tup
                 yield ahead.popleft()
         while ahead:
             yield ahead.popleft()
+
+
+def _loader_pool(jobs: int, processes: bool) -> Executor:
+    workers = min(jobs, os.cpu_count() or 1)
+    if processes and workers > 1:
+        # spawn, not fork: this process has threads (zarr's event loop, tqdm's monitor) that a fork would copy
+        # mid-operation.
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="import-load")
 
 
 def _import_one(entry: VideoEntry, loaded: Future, part: PartWriter, channels: int, summary: ImportSummary) -> None:

@@ -181,7 +181,7 @@ def store_options(default_stream: str | None):
         command = click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr",
                                show_default=True)(command)
         command = click.option("--jobs", type=click.IntRange(min=1), default=DEFAULT_JOBS, show_default=True,
-                               help="Threads loading feature files ahead of the writer.")(command)
+                               help="Loaders running ahead of the writer (TA3N: processes, at most one per core).")(command)
         return click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
                             help="Store directory (created, or extended).")(command)
     return decorate
@@ -193,7 +193,8 @@ def _import(release: Release, out: Path, store_format: str, stream: str, manifes
     if release.missing:
         click.echo(f"{len(release.missing)} listed video(s) not found in your copy, e.g. {release.missing[0]}",
                    err=True)
-    summary = import_pooled(release.sources, out, store_format, stream, release.features, release.part_info, jobs)
+    summary = import_pooled(release.sources, out, store_format, stream, release.features, release.part_info, jobs,
+                            processes=release.loads_files)
     with FeatureStore.open(out) as store:
         stored = store.videos(stream)
     path = manifest_path or out / "manifest.csv"
