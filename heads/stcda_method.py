@@ -53,7 +53,7 @@ class STCDA(Method):
                                  "STCDA §4.2 (0.01, 0.01, 0.001)", interval="(0, inf)"),
         "stage_lr_steps": HParam((100, 200), "epochs into each stage where lr_schedule=step divides by 1/lr_decay",
                                  "STCDA §4.2 (after 100 and 200 epochs)", interval="[0, inf)"),
-        "tau": HParam(0.07, "temperature τ of Θ (eq. 3)", "ours (paper silent; CMC's code: 0.07)",
+        "stcl_tau": HParam(0.07, "temperature τ of Θ (eq. 3)", "ours (paper silent; CMC's code: 0.07)",
                       interval="(0, inf)"),
         "memory_negatives": HParam(4096, "k: memory-bank clips of the other modality per batch (eq. 1)",
                                    "ours (paper silent; CMC draws 16384 from ImageNet-sized banks)",
@@ -87,6 +87,9 @@ class STCDA(Method):
         if len(h["stage_lr_scale"]) != 3 or not h["stcl_levels"]:
             raise HeadError("method 'stcda': stage_lr_scale needs 3 values (one per stage) and stcl_levels at least "
                             "one of clip, video")
+        if h["stcl_epochs"] + h["ce_epochs"] >= h["epochs"]:
+            log.info("stcda: epochs=%d ends before stage 3 (stcl_epochs=%d + ce_epochs=%d): no VCA in this run",
+                     h["epochs"], h["stcl_epochs"], h["ce_epochs"])
         self.bank = MemoryBank(h["memory_momentum"])
         self.pseudo: dict[str, Tensor] = {}      # "fused" or a modality -> ŷ per target training video (-1: none)
         self.noted: set[str] = set()
@@ -216,9 +219,9 @@ class STCDA(Method):
             count = anchor_clips.shape[1]
             clip_terms = clip_loss(anchor_clips.flatten(0, 1), anchor_video.repeat_interleave(count, dim=0),
                                    partner_clips.flatten(0, 1), memory.to(anchor_clips.device),
-                                   None if negative_clips is None else negative_clips.flatten(0, 1), h["tau"])
+                                   None if negative_clips is None else negative_clips.flatten(0, 1), h["stcl_tau"])
             video_terms = video_loss(anchor_video, partner_video,
-                                     self._negative_videos(anchor_clips, negative_clips, net, kinds), h["tau"])
+                                     self._negative_videos(anchor_clips, negative_clips, net, kinds), h["stcl_tau"])
             losses[m] = {"clip": clip_terms.view(len(rows), count), "video": video_terms}
         return contrastive_loss(losses, h["stcl_levels"])
 
