@@ -27,6 +27,7 @@ from heads import stcda_net  # noqa: F401  (registers the stcda architectures th
 # A child of the trainer's logger, so the notes land in the run's train.log.
 log = logging.getLogger("vidshift.train.stcda")
 
+
 @register_method
 class STCDA(Method):
     """STCDA (eq. 10): L_CE + α L_Contrast + β D_VCA on the ``stcda`` networks of one or two streams.
@@ -54,7 +55,7 @@ class STCDA(Method):
         "stage_lr_steps": HParam((100, 200), "epochs into each stage where lr_schedule=step divides by 1/lr_decay",
                                  "STCDA §4.2 (after 100 and 200 epochs)", interval="[0, inf)"),
         "stcl_tau": HParam(0.07, "temperature τ of Θ (eq. 3)", "ours (paper silent; CMC's code: 0.07)",
-                      interval="(0, inf)"),
+                           interval="(0, inf)"),
         "memory_negatives": HParam(4096, "k: memory-bank clips of the other modality per batch (eq. 1)",
                                    "ours (paper silent; CMC draws 16384 from ImageNet-sized banks)",
                                    interval="[0, inf)"),
@@ -150,7 +151,7 @@ class STCDA(Method):
             return {"pseudo_labelled": 0.0}
         source, target = banks["source"], banks["target"]
         seen_s, seen_t = source["filled"], target["filled"]
-        centres, usable = {}, None
+        centres, usable = {}, None      # usable: the classes the source bank has (the same in every modality)
         for m in self.modalities:
             centres[m], usable = class_centres(source["videos"][m][seen_s], source["labels"][seen_s],
                                                self.arch.num_classes)
@@ -243,11 +244,12 @@ class STCDA(Method):
         """The chosen intra-negative kinds this modality has; the others are logged once and skipped."""
         wanted, h = self.hparams["intra_negatives"], net.hparams
         available = {"temporal": h["clip_steps"] > 1, "spatial": x.dim() == 5, "order": h["aggregation"] != "mean"}
-        available["clip"] = available["temporal"] or available["spatial"]
+        # a clip negative puts a temporal or spatial negative clip into the video: one of them must be made
+        available["clip"] = any(available[k] and k in wanted for k in ("temporal", "spatial"))
         reasons = {"temporal": "one cached step per clip (clip_steps=1) has no step order to shuffle",
                    "spatial": "pooled vectors have no spatial layout to flip (stcda-maps on cached maps has)",
                    "order": "a mean over clips does not see their order (§4.4)",
-                   "clip": "no clip-level intra-negative exists to put into a video"}
+                   "clip": "no temporal or spatial negative clip is made to put into a video"}
         for kind in wanted:
             if not available[kind]:
                 self._note(kind, f"STCL skips {kind} negatives: {reasons[kind]}")
