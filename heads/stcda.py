@@ -62,7 +62,8 @@ def _similarity(a: Tensor, b: Tensor, tau: float) -> Tensor:
 
 def clip_loss(clip: Tensor, video: Tensor, partner: Tensor, memory: Tensor, intra: Tensor | None,
               tau: float) -> Tensor:
-    """Eq. 1 per anchor clip v_i^1 [P, D]: -log (Θ(v, V) + Θ(v, v_i^2)) / (Θ(v, V) + Σ_j Θ(v, v_j^2) + Σ_j Θ(v, v_j^neg)).
+    """Eq. 1 per anchor clip v = v_i^1 [P, D]:
+    -log (Θ(v, V) + Θ(v, v_i^2)) / (Θ(v, V) + Σ_j Θ(v, v_j^2) + Σ_j Θ(v, v_j^neg)).
 
     ``video`` V^1 [P, D] of the anchor's video, ``partner`` v_i^2 [P, D]; the j-sum over the other modality is the
     partner plus ``memory`` [K, D] (shared by all anchors); ``intra`` [P, J, D] the anchor's intra-negatives, or

@@ -3,7 +3,8 @@
 **Memory bank** (:class:`MemoryBank`): for each domain ("source", "target") and modality, the L2-normalised clip
 features [n, clips, D] and video features [n, D] of every training video, keyed by the video's position in its
 training set (``LabelledBatch.index``), plus the source labels. An entry is updated as CMC's code does,
-m <- normalise(μ·m + (1 - μ)·v̂), v̂ = v/‖v‖, μ = 0.5; the first write stores v̂ (CMC starts from random vectors).
+m <- normalise(μ·m + (1 - μ)·v̂), v̂ = v/‖v‖, μ = 0.5; the first write stores v̂ (CMC starts from random
+vectors).
 STCL draws its clip negatives from it (eq. 1's k other clips of the other modality) and VCA clusters it, so neither
 needs a pass over the data of its own: the bank holds each video's features from the last time a batch held it.
 

@@ -51,7 +51,7 @@ def test_clip_loss_is_eq_1_by_hand():
     intra = torch.tensor([[[1.0, 1.0]]])                                  # an intra-negative: e^(1/√2)
     loss = clip_loss(clip, video, partner, memory, intra, tau=1.0)
     numerator = E + 1
-    denominator = E + (1 + 1 / E + 1) + math.exp(1 / math.sqrt(2))        # Θ(v,V) + Σ_j Θ(v, v_j²) + Σ Θ(v, v^neg)
+    denominator = E + (1 + 1 / E + 1) + math.exp(1 / math.sqrt(2))   # Θ(v,V) + Σ_j Θ(v, v_j²) + Σ Θ(v, v^neg)
     assert loss.item() == pytest.approx(-math.log(numerator / denominator), rel=1e-6)
     no_intra = clip_loss(clip, video, partner, memory, None, tau=1.0)
     assert no_intra.item() == pytest.approx(-math.log(numerator / (E + 2 + 1 / E)), rel=1e-6)
