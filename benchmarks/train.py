@@ -82,14 +82,15 @@ def video_entries(source_videos: int, target_videos: int, classes: int) -> tuple
 
 
 def build_store(root: Path, backend: str, array: str, entries: list[VideoEntry], steps: int,
-                feat_shape: tuple[int, ...]) -> float:
+                feat_shape: tuple[int, ...], stream: str = DEFAULT_STREAM) -> float:
     """Write random features for ``entries`` through the store API, as an extraction would; returns seconds.
 
     ``maps`` stores hold maps and their pooled means; ``pooled`` stores only vectors (like an imported release).
+    Called again with another ``stream`` on the same root, it adds that stream beside the first (RGB + flow).
     """
     shape_key = {"map_shape": list(feat_shape)} if array == "maps" else {"channels": feat_shape[0]}
     provenance = {"features": {"name": "benchmark-random", "dtype": "float16", **shape_key}, "software": {}}
-    store = FeatureStore.create_or_open(root, backend, DEFAULT_STREAM, provenance)
+    store = FeatureStore.create_or_open(root, backend, stream, provenance)
     rng = np.random.default_rng(0)
     pool = rng.standard_normal((POOL_STEPS, *feat_shape), dtype=np.float32)
     # Maps as after a ReLU (half zeros, which is what zstd finds to compress); pooled vectors are dense and positive.
@@ -98,7 +99,7 @@ def build_store(root: Path, backend: str, array: str, entries: list[VideoEntry],
     started = time.perf_counter()
     with store.lock("s0of1"):
         for first in range(0, len(entries), VIDEOS_PER_PART):
-            part = store.new_part("s0of1", DEFAULT_STREAM, "float16", feat_shape[-1], {})
+            part = store.new_part("s0of1", stream, "float16", feat_shape[-1], {})
             for v, entry in enumerate(entries[first:first + VIDEOS_PER_PART], start=first):
                 rows = pool[(v + np.arange(steps)) % POOL_STEPS]
                 video = part.video(entry.video_id, entry.attributes())

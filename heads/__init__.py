@@ -10,7 +10,7 @@ from heads.method import (Method, Preset, build, methods, preset, presets_for, r
                           resolve_hparams)
 # importing a module registers what it defines; architectures first, then the methods over them
 from heads import pooling, trn, stdn  # noqa: F401,E402
-from heads import erm, ta3n, da_baselines, mixup, irm, ada, mada, cop, apn  # noqa: F401,E402
+from heads import erm, ta3n, da_baselines, mixup, irm, ada, mada, cop, apn, stcda_method  # noqa: F401,E402
 from heads import drl  # noqa: F401,E402  (after the methods it composes with)
 
 __all__ = ["Architecture", "Encoding", "HeadError", "HParam", "LabelledBatch", "Method", "Preset",

@@ -46,11 +46,14 @@ def batch_size(x: Inputs) -> int:
 @dataclass(frozen=True)
 class LabelledBatch:
     """Source videos with labels: ``x`` (:data:`Inputs`), class ids ``y`` [B] (int64) and, for methods that use
-    training environments (IRM), an environment id per video ``env`` [B] or None."""
+    training environments (IRM), an environment id per video ``env`` [B] or None. ``index`` [B]: each video's
+    position in its training set (the trainer's; a method's added examples follow the set), for methods that
+    keep something per training video (STCDA's memory bank), or None."""
 
     x: Inputs
     y: Tensor
     env: Tensor | None = None
+    index: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.y.dim() != 1 or len(self.y) != batch_size(self.x):
@@ -60,9 +63,11 @@ class LabelledBatch:
 
 @dataclass(frozen=True)
 class UnlabelledBatch:
-    """Target videos for domain adaptation. It has no label field, so target labels cannot reach a method."""
+    """Target videos for domain adaptation. It has no label field, so target labels cannot reach a method.
+    ``index`` [B]: each video's position in the target training set, or None (as ``LabelledBatch.index``)."""
 
     x: Inputs
+    index: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ PART_NAMES = {"encoder": "trainable layers before the classifier", "relations": 
               "batchnorm": "batch-norm layers",
               # relations that are a relational feature pyramid (APN): parts[:, 0] the global relation, parts[:, 1:]
               # the cross-relations, so aggregate(parts[:, 1:]) is level II and aggregate(parts) level III
-              "pyramid": "a relational feature pyramid (levels II and III)"}
+              "pyramid": "a relational feature pyramid (levels II and III)",
+              # frames that are clip features in the video representation's space (STCDA's networks)
+              "clips": "clip features comparable with the video feature"}
 
 
 class Method(nn.Module):

@@ -51,6 +51,7 @@ DEMO_RUNS: tuple[tuple[str, str, str], ...] = (
     ("stdn-mixstyle", "erm", "dg"), ("stdn", "erm", "dg"), ("stdn", "erm", "target-only"),
     ("apn", "erm", "dg"), ("apn", "video-ada", "dg"), ("trn-attn", "erm", "dg"),
     ("stdn", "drl-fast", "dg"), ("trn", "drl-aug", "dg"), ("trn", "drl-minmax", "dg"),
+    ("stcda", "erm", "dg"), ("stcda", "stcda", "da"), ("stcda-maps", "erm", "dg"),
 )
 
 

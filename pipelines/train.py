@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -274,13 +275,15 @@ def _train_epoch(model: Method, inputs: RunInputs, config: TrainConfig, epoch: i
                disable=None if show_progress else True)
     for step, (plan, x_source) in enumerate(bar):
         target_item = next(target_stream)
-        target = UnlabelledBatch(target_item[1]) if target_item is not None else None
+        target = (UnlabelledBatch(target_item[1], torch.from_numpy(target_item[0].videos).to(device))
+                  if target_item is not None else None)
         parts = [(x_source, source.labels[plan.videos].to(device))] if len(plan.videos) else []
         if len(plan.extra):
             index = torch.from_numpy(plan.extra)
             parts.append((map_inputs(lambda x: x[index.to(x.device)].to(device), extra[0]),
                           extra[1][index.to(extra[1].device)].to(device)))
-        batch = LabelledBatch(cat_inputs([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+        positions = torch.from_numpy(np.concatenate([plan.videos, len(source) + plan.extra])).to(device)
+        batch = LabelledBatch(cat_inputs([x for x, _ in parts]), torch.cat([y for _, y in parts]), index=positions)
         progress = (epoch * batches + step) / (hp["epochs"] * batches)
         logs = model.update(batch, target, progress)
         for key, value in logs.items():

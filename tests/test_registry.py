@@ -13,7 +13,7 @@ NUM_CLASSES, NUM_SEGMENTS = 3, 4
 FEAT_SHAPE = {"pooled": (8,), "maps": (2, 2, 8)}
 # narrow layers for every architecture family, and schedules short enough that 3 updates reach every code path
 # (ADA's and M-ADA's max phases and meta-updates, IRM's switch to its full penalty); each pair takes its names
-SMALL = {"frame_dim": 16, "relation_dim": 16, "init_std": 0.0, "anchor_hidden": 8, "spatial_dim": 8,
+SMALL = {"frame_dim": 16, "gru_hidden": 16, "relation_dim": 16, "init_std": 0.0, "anchor_hidden": 8, "spatial_dim": 8,
          "temporal_dim": 8, "se_hidden": 4, "relation_hidden": 8, "batch_size": 6,
          "ada_min_updates": 1, "ada_max_steps": 1, "mada_wae_epochs": 1, "irm_anneal_updates": 1}
 
@@ -51,8 +51,8 @@ def batches(arch: str, count: int, streams: int = 1, seed: int = 0):
             return torch.rand(n, NUM_SEGMENTS, *per_stream, generator=g) + shift
         return {s: torch.rand(n, NUM_SEGMENTS, *shape, generator=g) + shift for s, shape in per_stream.items()}
 
-    return [(LabelledBatch(videos(6, 0.0), torch.randint(NUM_CLASSES, (6,), generator=g)),
-             UnlabelledBatch(videos(4, 0.5))) for _ in range(count)]
+    return [(LabelledBatch(videos(6, 0.0), torch.randint(NUM_CLASSES, (6,), generator=g), index=torch.arange(6)),
+             UnlabelledBatch(videos(4, 0.5), index=torch.arange(4))) for _ in range(count)]
 
 
 def run_updates(model, data, start: int, total: int) -> list[dict]:
