@@ -1,6 +1,6 @@
 """torchcodec as a second video decoder (``vidshift extract --decoder torchcodec | torchcodec-cuda``).
 
-torchcodec (the PyTorch project's decoder) links the system's FFmpeg 4-7 libraries at import, which decord does
+torchcodec (the PyTorch project's decoder) links the system's FFmpeg 4-9 libraries at import, which decord does
 not need (it bundles its own); ``make install`` installs them on Debian/Ubuntu (``libavcodec59`` ...) and
 ``problem()`` says what is missing elsewhere. ``torchcodec-cuda`` decodes on the GPU's NVDEC engine (frames are
 then copied back to the host, so the FrameSource interface stays numpy; research/extraction.md §5: NVDEC frees
@@ -29,7 +29,7 @@ def problem() -> str | None:
         return f"torchcodec is not installed ({error}); `pip install torchcodec -c constraints.txt`"
     except (RuntimeError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return (f"torchcodec cannot load the FFmpeg libraries it needs ({first_line}); install FFmpeg 4-7's "
+        return (f"torchcodec cannot load the FFmpeg libraries it needs ({first_line}); install FFmpeg 4-9's "
                 f"shared libraries, e.g. `apt-get install {FFMPEG_PACKAGES}` on Debian 12 (`make install` does it)")
     return None
 
