@@ -2,6 +2,8 @@
 single-process run's, also when a worker process is SIGKILLed mid-run; a second run on the same store is refused."""
 import os
 import signal
+from pathlib import Path
+from types import SimpleNamespace
 import threading
 import time
 from dataclasses import replace
@@ -11,6 +13,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from conftest import gradient_frames, write_video
+from extract.cluster import OneGpuEach, slurm_cluster
 from extract.cluster_run import plan_tasks
 from extract.manifest import read_manifest
 from extract.run import ExtractConfig, run_extract
@@ -118,3 +121,22 @@ def test_tasks_are_fixed_chunks_minus_stored_videos_and_name_their_next_part(tmp
     assert [(t.tag, t.part, [e.video_id for e in t.entries]) for t in tasks] == [
         ("c000001of000003", "part-c000001of000003-000001.zarr", ["v2"]),
         ("c000002of000003", "part-c000002of000003-000000.zarr", ["v4"])]
+
+
+def test_the_sample_slurm_config_makes_one_single_task_gpu_worker_per_job():
+    cluster, scaling = slurm_cluster(Path(__file__).resolve().parents[1] / "docs" / "slurm-extract.yaml")
+    try:
+        script = cluster.job_script()  # builds the job script; submits nothing
+    finally:
+        cluster.close()
+    for expected in ("--gres=gpu:1", "--cpus-per-task=8", "--nthreads 1", "--lifetime 55m", "-t 01:00:00"):
+        assert expected in script
+    assert scaling == {"adapt": {"minimum_jobs": 0, "maximum_jobs": 32}}
+
+
+def test_local_workers_get_one_gpu_each_by_name(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    plugin = OneGpuEach(gpus=2)
+    for name, device in ((0, "0"), (1, "1"), (2, "0")):  # a third worker shares GPU 0
+        plugin.setup(SimpleNamespace(name=name))
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == device
