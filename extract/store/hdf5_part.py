@@ -33,7 +33,6 @@ import numcodecs
 import numpy as np
 
 ZSTD_LEVEL = 1
-FLETCHER32_BLOCK_WORDS = 360  # H5_checksum_fletcher32 folds its sums every 360 16-bit words
 
 SUFFIX = ".h5"
 
@@ -68,25 +67,25 @@ class _DeferredErrorFile(io.FileIO):
 
 
 def fletcher32(data: bytes) -> bytes:
-    """HDF5's fletcher32 checksum of ``data`` as its filter appends it (H5checksum.c: sums of big-endian 16-bit
-    words folded every 360 words, an odd last byte as the high byte of a word; stored little-endian)."""
-    def fold(value: int) -> int:
-        return (value & 0xFFFF) + (value >> 16)
+    """HDF5's fletcher32 checksum of ``data`` as its filter appends it (H5checksum.c), stored little-endian.
 
+    H5checksum.c sums big-endian 16-bit words (an odd last byte is the high byte of one more word): sum1 += word,
+    then sum2 += sum1, folding each sum (x & 0xffff) + (x >> 16) every 360 words and twice at the end. A fold keeps
+    the value modulo 65535 (65536 = 1) and never turns a positive value into 0, so each result is the plain sum's
+    residue modulo 65535 written in 1..65535, or 0 for a sum of zero: one cumulative sum in numpy (0.06 ms
+    for a 7x7x2048 float16 chunk; a Python loop over the blocks cost as much as compressing it, with the GIL held)."""
     words = np.frombuffer(data[: len(data) - len(data) % 2], dtype=">u2").astype(np.int64)
-    sum1 = sum2 = 0
-    for first in range(0, len(words), FLETCHER32_BLOCK_WORDS):
-        block = words[first:first + FLETCHER32_BLOCK_WORDS]
-        # sum2 gains sum1 after each word: the block's weighted sum, plus the carried sum1 once per word
-        sum2 += len(block) * sum1 + int(np.dot(block, np.arange(len(block), 0, -1)))
-        sum1 += int(block.sum())
-        sum1, sum2 = fold(sum1), fold(sum2)
     if len(data) % 2:
-        sum1 += data[-1] << 8
-        sum2 += sum1
-        sum1, sum2 = fold(sum1), fold(sum2)
-    sum1, sum2 = fold(sum1), fold(sum2)
-    return ((sum2 << 16) | sum1).to_bytes(4, "little")
+        words = np.append(words, data[-1] << 8)
+    if not words.any():
+        return bytes(4)  # both sums are zero
+    running = np.cumsum(words)  # sum1 after each word; sum2 is their total (taken modulo 65535 so it cannot overflow)
+    sum1, sum2 = int(running[-1]), int((running % 65535).sum())
+
+    def residue(total: int) -> int:  # a positive sum's fold result: its residue written in 1..65535
+        return (total - 1) % 65535 + 1
+
+    return ((residue(sum2) << 16) | residue(sum1)).to_bytes(4, "little")
 
 
 class Hdf5PartWriter:
