@@ -347,13 +347,15 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
     for backend in backends:
         for threads in args.writer_threads:  # the first count's store is the one random reads then read
             out = work / (f"write-{backend}" if threads == args.writer_threads[0] else f"write-{backend}-{threads}")
-            summary, seconds = measure_store_write_fresh(out, backend, map_shape, dtype, videos_written,
-                                                         args.frames_per_video, args.batch_size, threads)
+            summary, seconds, cpu_seconds = measure_store_write_fresh(
+                out, backend, map_shape, dtype, videos_written, args.frames_per_video, args.batch_size, threads)
             megabytes = summary["raw_bytes_stored_dtype"] / 1e6
             steps_per_second = videos_written * args.frames_per_video / seconds
             rows.append(Row(f"store write, {backend}, {threads} thread(s) (random post-ReLU {dtype})",
                             f"{megabytes:.1f} MB raw", seconds, f"{megabytes / seconds:.1f} MB/s raw",
-                            note=f"{steps_per_second:.0f} steps/s; compressed {summary['compression_ratio']:.2f}x"))
+                            note=f"{steps_per_second:.0f} steps/s, {cpu_seconds / seconds:.2f} cores busy, "
+                                 f"{1e3 * cpu_seconds / (videos_written * args.frames_per_video):.2f} CPU ms/step; "
+                                 f"compressed {summary['compression_ratio']:.2f}x"))
     if torch.cuda.is_available():
         rows += gpu_rows(args, work, dtype)
 
