@@ -1,8 +1,8 @@
 """Where tasks run: this process, a pool of local worker processes, or a dask.distributed cluster.
 
 Everything here hands out a ``concurrent.futures.Executor``, so a caller (the training sweep, ``pipelines/sweep.py``;
-cluster extraction, ``extract/cluster_run.py``, the second) writes one submit/wait loop and does not care where its tasks run. It knows
-nothing of training: a task is any importable function of picklable arguments.
+cluster extraction, ``extract/cluster_run.py``) writes one submit/wait loop and does not care where its tasks run.
+It knows nothing of training or extraction: a task is any importable function of picklable arguments.
 
 - ``local`` with K slots: K long-lived worker processes on this machine (``spawn``, torch threads split between
   them), or, with one slot, this process itself (no start-up at all). K runs in flight share one GPU: light heads
