@@ -74,7 +74,7 @@ def fletcher32(data: bytes) -> bytes:
     the value modulo 65535 (65536 = 1) and never turns a positive value into 0, so each result is the plain sum's
     residue modulo 65535 written in 1..65535, or 0 for a sum of zero: one cumulative sum in numpy (0.06 ms
     for a 7x7x2048 float16 chunk; a Python loop over the blocks cost as much as compressing it, with the GIL held)."""
-    words = np.frombuffer(data[: len(data) - len(data) % 2], dtype=">u2").astype(np.int64)
+    words = np.frombuffer(data, dtype=">u2", count=len(data) // 2).astype(np.int64)
     if len(data) % 2:
         words = np.append(words, data[-1] << 8)
     if not words.any():
@@ -123,8 +123,8 @@ class Hdf5PartWriter:
         chunk = rows[first:first + chunk_steps]
         if len(chunk) < chunk_steps:
             chunk = np.concatenate([chunk, np.zeros((chunk_steps - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        compressed = self.zstd.encode(np.ascontiguousarray(chunk))
-        return bytes(compressed) + fletcher32(bytes(compressed))
+        compressed = self.zstd.encode(np.ascontiguousarray(chunk))  # bytes
+        return compressed + fletcher32(compressed)
 
     def read_back(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
         return self.file[f"{stream}/{name}"][start:stop]
