@@ -17,10 +17,15 @@ What each row measures:
   what the pipeline feeds: --batch-size frames, or a whole video when videos are shorter (batches never span two).
   Measured before and after the full pipeline runs; the faster is the ceiling;
 - full pipeline: ``run_extract`` into a fresh store of each backend (decode, network, checks, compression, write);
-- store write: --store-steps random post-ReLU maps (half zeros) of the backbone's map shape, as videos of
-  --frames-per-video steps, appended through the store API in --batch-size steps (finite check, pooling, down-cast,
-  hashing, compression and write), then committed; independent of the backbone, so it can be larger than the
-  videos' frame count where the backbone is slow (a CPU);
+- store write, T threads: --store-steps random post-ReLU maps (half zeros) of the backbone's map shape, as videos
+  of --frames-per-video steps, appended through the store API in --batch-size steps (finite check, pooling,
+  down-cast, hashing, compression and write), then committed, for each --writer-threads count T, in a fresh
+  process each; independent of the backbone, so it can be larger than the videos' frame count where the backbone
+  is slow (a CPU);
+- cluster, N workers: the full pipeline (zarr) on a dask LocalCluster of each --cluster-workers N
+  (``benchmarks/extract_scaling.py``), against the single-process row;
+- GPU rows, only where CUDA is present: ResNet-50 bf16 channels-last backbone only at --gpu-batch frames, and the
+  full pipeline at 240p and 360p with decord and with torchcodec on NVDEC, as fractions of it;
 - random read: one process reading --segments random steps of ``maps`` per video (TSN training sampling) through
   ``FeatureStore.read``; the files were just written, so they are in the OS page cache (a warm read).
 """
@@ -35,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +55,9 @@ from extract.clips import ClipBackbone, FlowBackbone  # noqa: E402
 from extract.decode import DecodeJob, Sampling, open_source, prefetch  # noqa: E402
 from extract.flow import FLOW_METHODS  # noqa: E402
 from extract.run import ExtractConfig, run_extract  # noqa: E402
-from extract.store import BACKENDS, DEFAULT_STREAM, FeatureStore  # noqa: E402
-from extract.store.summary import store_summary  # noqa: E402
+from extract.store import BACKENDS, FeatureStore  # noqa: E402
+from benchmarks.extract_scaling import (cluster_runs, gpu_ceiling, gpu_pipeline_runs,  # noqa: E402
+                                        measure_store_write_fresh)
 from extract.synth import write_video  # noqa: E402
 from pipelines.data import random_steps  # noqa: E402
 
@@ -166,30 +172,6 @@ def choose_dtype(requested: str, peak: float) -> str:
     return "float16" if peak * FLOAT16_HEADROOM < float(np.finfo(np.float16).max) else "float32"
 
 
-def measure_store_write(root: Path, backend: str, map_shape: tuple[int, ...], dtype: str, videos: int,
-                        steps_per_video: int, batch_size: int) -> tuple[dict, float]:
-    """Write random post-ReLU maps as ``videos`` videos through the store API; (store summary, seconds)."""
-    provenance = {"features": {"name": "benchmark-random-maps", "map_shape": list(map_shape), "dtype": dtype},
-                  "software": {}}
-    store = FeatureStore.create_or_open(root, backend, DEFAULT_STREAM, provenance)
-    rng = np.random.default_rng(0)
-    # One video's worth of distinct random steps, reused by every video: zstd compresses each step on its own,
-    # so repeats across videos neither help nor hurt, and generating them stays out of the timing.
-    maps = np.maximum(rng.standard_normal((steps_per_video, *map_shape), dtype=np.float32), 0)
-    steps = np.repeat(np.arange(steps_per_video, dtype=np.int32)[:, None], 2, axis=1)
-    started = time.perf_counter()
-    with store.lock("s0of1"):
-        part = store.new_part("s0of1", DEFAULT_STREAM, dtype, map_shape[-1], {})
-        for v in range(videos):
-            video = part.video(f"bench_{v:04d}", {})
-            for first in range(0, steps_per_video, batch_size):
-                video.append(steps[first:first + batch_size], maps[first:first + batch_size])
-            video.finish()
-        part.commit()
-    seconds = time.perf_counter() - started
-    return store_summary(FeatureStore.open(root)), seconds
-
-
 def measure_random_reads(root: Path, segments: int) -> tuple[int, float]:
     """Steps read and seconds for READ_PASSES passes of ``segments`` random maps steps per video."""
     store = FeatureStore.open(root)
@@ -231,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store-steps", type=int, default=2048,
                         help="steps written (and then read) per backend in the store rows")
     parser.add_argument("--segments", type=int, default=5, help="random steps read per video (TSN segments)")
+    parser.add_argument("--writer-threads", default="1,2,4", help="store-write rows: writer thread counts")
+    parser.add_argument("--cluster-workers", default="1,2", help="LocalCluster sizes to compare with one process "
+                        "('' for none)")
+    parser.add_argument("--gpu-batch", type=int, default=256, help="GPU rows: frames per ResNet-50 call")
     parser.add_argument("--out", type=Path, help="keep videos and stores here (an absent or empty directory); "
                                                  "default: a temporary directory, removed afterwards")
     args = parser.parse_args(argv)
@@ -243,6 +229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.videos, args.frames_per_video, args.batch_size, args.workers, args.store_steps, args.segments) < 1:
         parser.error("--videos, --frames-per-video, --batch-size, --workers, --store-steps and --segments must be "
                      ">= 1")
+    try:
+        args.writer_threads = [int(value) for value in args.writer_threads.split(",")]
+        args.cluster_workers = [int(value) for value in args.cluster_workers.split(",") if value.strip()]
+    except ValueError:
+        parser.error("--writer-threads and --cluster-workers: comma-separated counts, e.g. 1,2,4")
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out}: the directory is not empty (a store there would be resumed, not timed); "
                      f"give an absent or empty directory")
@@ -313,6 +304,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
                                batch_size=args.batch_size, workers=args.workers, clip_length=args.clip_length,
                                flow=args.flow, flow_weights=flow_weights, stream="flow" if args.flow else "rgb")
         pipelines[backend] = run_extract(config, show_progress=False)
+    clusters = cluster_runs(replace(config, format="zarr"), args.cluster_workers, work)
 
     # Measured again after the pipeline runs: the faster of the two is the ceiling, so that a burst of other load
     # during one measurement does not make the pipeline look faster than the network alone.
@@ -339,6 +331,11 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
                   if summary.failures else "")
         rows.append(Row(f"full pipeline, {backend} (run_extract)", f"{summary.frames} frames", summary.seconds,
                         f"{rate:.1f} frames/s", f"{rate / ceiling:.2f}", failed))
+    for workers, summary in clusters:
+        rate = summary.frames / summary.seconds
+        rows.append(Row(f"cluster, zarr, LocalCluster of {workers} worker(s)", f"{summary.frames} frames",
+                        summary.seconds, f"{rate:.1f} frames/s", f"{rate / ceiling:.2f}",
+                        "cluster start included; one torch thread per worker"))
     flow_setup = f", flow {args.flow} (weights {flow_weights})" if args.flow else ""
     setup_line = (f"{args.backbone} weights={args.weights}{flow_setup} on {setup}, frame size {args.frame_size}, maps "
                   f"{'x'.join(map(str, map_shape))} stored as {dtype}, {args.workers} decode workers, "
@@ -348,13 +345,19 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
 
     videos_written = math.ceil(args.store_steps / args.frames_per_video)
     for backend in backends:
-        summary, seconds = measure_store_write(work / f"write-{backend}", backend, map_shape, dtype, videos_written,
-                                               args.frames_per_video, args.batch_size)
-        megabytes = summary["raw_bytes_stored_dtype"] / 1e6
-        steps_per_second = videos_written * args.frames_per_video / seconds
-        rows.append(Row(f"store write, {backend} (random post-ReLU {dtype})", f"{megabytes:.1f} MB raw", seconds,
-                        f"{megabytes / seconds:.1f} MB/s raw",
-                        note=f"{steps_per_second:.0f} steps/s; compressed {summary['compression_ratio']:.2f}x"))
+        for threads in args.writer_threads:  # the first count's store is the one random reads then read
+            out = work / (f"write-{backend}" if threads == args.writer_threads[0] else f"write-{backend}-{threads}")
+            summary, seconds, cpu_seconds = measure_store_write_fresh(
+                out, backend, map_shape, dtype, videos_written, args.frames_per_video, args.batch_size, threads)
+            megabytes = summary["raw_bytes_stored_dtype"] / 1e6
+            steps_per_second = videos_written * args.frames_per_video / seconds
+            rows.append(Row(f"store write, {backend}, {threads} thread(s) (random post-ReLU {dtype})",
+                            f"{megabytes:.1f} MB raw", seconds, f"{megabytes / seconds:.1f} MB/s raw",
+                            note=f"{steps_per_second:.0f} steps/s, {cpu_seconds / seconds:.2f} cores busy, "
+                                 f"{1e3 * cpu_seconds / (videos_written * args.frames_per_video):.2f} CPU ms/step; "
+                                 f"compressed {summary['compression_ratio']:.2f}x"))
+    if torch.cuda.is_available():
+        rows += gpu_rows(args, work, dtype)
 
     for backend in backends:
         steps, seconds = measure_random_reads(work / f"write-{backend}", args.segments)
@@ -363,6 +366,25 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], str, str]:
                         seconds, f"{steps / seconds:.1f} steps/s",
                         note=f"{steps * step_megabytes / seconds:.1f} MB/s of maps, warm cache"))
     return rows, machine, setup_line
+
+
+def gpu_rows(args: argparse.Namespace, work: Path, dtype: str) -> list[Row]:
+    """Issue 15's GPU rows: the ResNet-50 bf16 ceiling and the full pipeline at 240p/360p, decord vs NVDEC."""
+    device = torch.device("cuda")
+    ceiling = gpu_ceiling(224, args.gpu_batch, device)
+    rows = [Row(f"GPU backbone only (resnet50 bf16 channels-last, batch {args.gpu_batch})", "", 0.0,
+                f"{ceiling:.0f} frames/s", "1.00", torch.cuda.get_device_name(device))]
+    base = ExtractConfig(manifest=work / "unused.csv", root=work, out=work / "unused", backbone="resnet50",
+                         weights="none", dtype=dtype, device="cuda", precision="bf16", batch_size=args.gpu_batch,
+                         workers=args.workers)
+    def videos_of_size(directory: Path, width: int, height: int) -> Path:
+        return write_test_videos(directory, args.videos, args.frames_per_video, width, height)
+
+    for label, summary in gpu_pipeline_runs(videos_of_size, base, work):
+        rate = summary.frames / summary.seconds
+        rows.append(Row(f"GPU full pipeline, {label}", f"{summary.frames} frames", summary.seconds,
+                        f"{rate:.0f} frames/s", f"{rate / ceiling:.2f}", f"{args.workers} decode workers"))
+    return rows
 
 
 def format_markdown(cells: list[list[str]]) -> str:

@@ -92,6 +92,12 @@ class Backbone:
         _, self.out_channels, height, width = probe.shape
         self._map_shape = (height, width, self.out_channels)
 
+    def compile(self) -> None:
+        """``torch.compile`` the network (``vidshift extract --compile``): kernels fused for this device, paid for
+        by a compilation on the first batch of each new size (the last, shorter batch of a video compiles a
+        dynamic-shape kernel once). Values move by float rounding only, like batch-norm folding."""
+        self.network = torch.compile(self.network)
+
     def map_shape(self) -> tuple[int, int, int]:
         """(h, w, C) of one time step's map for the configured preprocessing, e.g. (7, 7, 2048)."""
         return self._map_shape
@@ -117,7 +123,10 @@ class Backbone:
             raise ValueError(f"{self.name}: expected uint8 RGB frames shaped [n, H, W, 3], got {got}")
         # Resize and crop the uint8 frames on the device (the GPU when there is one): the upload is 4x smaller
         # than float, and the permuted NHWC view is the layout uint8 resizing is fastest on.
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":  # a copy into page-locked memory (torch caches those blocks), so the upload
+            x = x.pin_memory().to(self.device, non_blocking=True)  # is one DMA that runs while this thread goes on
+        x = x.to(self.device).permute(0, 3, 1, 2)
         return TF.resize(x, [self.preprocess.resize], antialias=True)
 
     def _normalised(self, resized: torch.Tensor) -> torch.Tensor:

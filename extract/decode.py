@@ -3,7 +3,9 @@ them in bounded batches, ahead of the consumer, in background threads.
 
 Everything downstream sees one interface, `FrameSource.read(sorted indices) -> uint8 RGB [n, H, W, 3]`.
 `open_source` picks the first registered reader whose `accepts(path)` is true: decord for video files, PIL for
-directories of JPEG/PNG frames. Another decoder (e.g. torchcodec) is one `register_reader` call.
+directories of JPEG/PNG frames. Another decoder is one `register_reader` call; torchcodec (CPU, and CUDA/NVDEC)
+is registered that way (`extract/torchcodec_reader.py`) and chosen per run by name (`VIDEO_DECODERS`,
+``vidshift extract --decoder``), which puts it ahead of the others for that run's videos.
 
 Decoding never hides damage (research/extraction.md §5.5): every planned frame must really come back, else a
 DecodeError names the file and the frame index where decoding stopped, after the good batches before it.
@@ -160,19 +162,35 @@ def register_reader(name: str, accepts: Callable[[Path], bool], factory: Callabl
     _READERS[name] = (accepts, factory)
 
 
+def _torchcodec(device: str) -> Callable[..., FrameSource]:
+    def open_with_torchcodec(path: Path, fps: float | None = None) -> FrameSource:
+        # Imported on first use: torchcodec loads the system's FFmpeg libraries at import, which a machine that
+        # only ever decodes with decord need not have.
+        from .torchcodec_reader import TorchcodecSource
+        return TorchcodecSource(path, fps, device)
+    return open_with_torchcodec
+
+
 register_reader("video", Path.is_file, DecordSource)  # FFmpeg sniffs the format; the suffix does not matter
 register_reader("frame_dir", Path.is_dir, ImageDirSource)
+register_reader("torchcodec", Path.is_file, _torchcodec("cpu"))  # never first on its own: chosen by name
+register_reader("torchcodec-cuda", Path.is_file, _torchcodec("cuda"))
+VIDEO_DECODERS = {"decord": "video", "torchcodec": "torchcodec", "torchcodec-cuda": "torchcodec-cuda"}  # --decoder
 
 
-def open_source(path: Path, fps: float | None = None) -> FrameSource:
-    """Open `path` with the first registered reader that accepts it. `fps` is the frame rate of a frame
+def open_source(path: Path, fps: float | None = None, reader: str | None = None) -> FrameSource:
+    """Open `path` with the first registered reader that accepts it, trying the reader named `reader` first
+    (a frame directory, which no video decoder accepts, still goes to PIL). `fps` is the frame rate of a frame
     directory (default FRAME_DIR_FPS); a video file keeps its container's rate."""
     path = Path(path)
     if not path.exists():
         raise DecodeError(f"{path}: no such file or directory")
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise DecodeError(f"{path}: fps must be a number > 0, got {fps}")
-    for accepts, factory in _READERS.values():
+    if reader is not None and reader not in _READERS:
+        raise DecodeError(f"{path}: no reader {reader!r} is registered (readers: {', '.join(_READERS)})")
+    preferred = [_READERS[reader]] if reader is not None else []
+    for accepts, factory in preferred + list(_READERS.values()):
         if accepts(path):
             return factory(path, fps)
     raise DecodeError(f"{path}: no registered reader accepts it (readers: {', '.join(_READERS)})")
@@ -272,6 +290,7 @@ class DecodeJob:
     start_frame: int | None = None
     end_frame: int | None = None  # inclusive
     fps: float | None = None  # frame rate of a frame directory (default FRAME_DIR_FPS); videos keep their own
+    reader: str | None = None  # a registered reader tried first (open_source), e.g. "torchcodec"
 
 
 class _Pipe:
@@ -335,7 +354,7 @@ def _as_decode_error(job: DecodeJob, error: Exception) -> DecodeError:
 def _decode_job(job: DecodeJob, batch_size: int, pipe: _Pipe) -> None:
     """Send one video down its pipe: a DecodedVideo, then its batches, then _END or the DecodeError."""
     try:
-        source = open_source(job.path, job.fps)
+        source = open_source(job.path, job.fps, job.reader)
     except Exception as error:
         pipe.put(_failed(job, error))
         return

@@ -14,11 +14,19 @@ beside the RGB stream of the same videos, each with its own provenance.
 N-th video, writes parts tagged with its shard and holds its own lock; the store records N and refuses another.
 A run stopped by the disk (full, read-only) rolls back the part it was writing and says how much space the
 videos left need; a rerun resumes.
+``--cluster`` runs the parts as tasks on dask.distributed instead (``extract/cluster_run.py``).
+
+Throughput: decoding runs ahead in background threads (``--workers``), the uint8 frames go to the GPU from
+page-locked memory without blocking (``Backbone.prepare``), the store compresses its chunks in ``--writer-threads``
+threads (``extract/store``), ``--decoder`` picks decord or torchcodec (CPU or NVDEC) and ``--compile``
+``torch.compile``s the network; decoder and compilation are recorded in the provenance's ``software`` (they change
+no value beyond float rounding, so stores of either mix).
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +36,7 @@ from tqdm import tqdm
 
 from .backbones import Backbone, Preprocess, build_backbone
 from .clips import ClipBackbone
-from .decode import FRAME_DIR_FPS, DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
+from .decode import FRAME_DIR_FPS, VIDEO_DECODERS, DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
 from .errors import OUT_OF_SPACE, describe_os_error, error_number
 from .flow import FLOW_METHODS
 from .manifest import VideoEntry, file_sha256, read_manifest
@@ -37,8 +45,8 @@ from .store import BACKENDS, DEFAULT_STREAM, FeatureStore, FeatureValueError, Pa
 from .store.summary import human_bytes
 
 STORE_DTYPES = ("float16", "float32")
-GPU_BATCH, GPU_DECODERS = 64, 2   # defaults of --batch-size and --workers per device (device_defaults)
-CPU_BATCH, CPU_DECODERS = 8, 1
+GPU_BATCH, GPU_DECODERS, GPU_WRITERS = 64, 2, 4  # defaults of --batch-size, --workers and --writer-threads
+CPU_BATCH, CPU_DECODERS, CPU_WRITERS = 8, 1, 1   # per device (device_defaults)
 FLOW_STREAM = "flow"
 
 
@@ -69,13 +77,18 @@ class ExtractConfig:
     clip_stride: int | None = None     # hop between clips (default: clip_length)
     flow: str | None = None            # optical-flow method: the network sees flow computed from the frames
     flow_weights: str = "default"      # the RAFT weights: default (torchvision's enum), none, or a state-dict path
+    decoder: str = "decord"            # video decoder: decord, torchcodec or torchcodec-cuda (VIDEO_DECODERS)
+    compile: bool = False              # torch.compile the backbone's network
+    writer_threads: int | None = None  # threads compressing store chunks; None: per device
+    cluster: str | None = None         # run the parts on this dask cluster (extract/cluster.py's parse_cluster)
 
     def __post_init__(self) -> None:
         """Refuse a setting that cannot work before any video is touched (the messages name the CLI option)."""
         for option, value, meaning in (("--frame-size", self.frame_size, "the centre-crop side in pixels"),
                                        ("--batch-size", self.batch_size, "frames per backbone call"),
                                        ("--workers", self.workers, "background decode threads"),
-                                       ("--videos-per-part", self.videos_per_part, "videos per committed part")):
+                                       ("--videos-per-part", self.videos_per_part, "videos per committed part"),
+                                       ("--writer-threads", self.writer_threads, "threads compressing chunks")):
             if value is not None and value < 1:
                 raise ValueError(f"{option} {value}: must be at least 1 ({meaning})")
         if self.resize is not None and self.resize < self.frame_size:
@@ -103,6 +116,14 @@ class ExtractConfig:
                              f"stream, e.g. --stream {FLOW_STREAM}, not the RGB stream {DEFAULT_STREAM!r}")
         if self.flow is None and self.flow_weights != "default":
             raise ValueError(f"--flow-weights {self.flow_weights!r}: only with --flow raft-small|raft-large")
+        if self.decoder not in VIDEO_DECODERS:
+            raise ValueError(f"--decoder {self.decoder!r}: use one of {', '.join(VIDEO_DECODERS)}")
+        if self.cluster is not None:
+            from .cluster import parse_cluster  # imported here: it imports dask.distributed, which runs without
+            parse_cluster(self.cluster)         # --cluster need not load
+            if self.shard != "0/1":
+                raise ValueError(f"--cluster with --shard {self.shard}: the cluster schedules every video of the "
+                                 f"manifest itself; drop --shard")
 
 
 @dataclass
@@ -150,29 +171,67 @@ def store_provenance(config: ExtractConfig, backbone: Backbone) -> dict:
     if sampling.kind == "fps":  # --fps is a frame directory's frame rate, so it decides which frames fps:F takes
         features["frame_dir_fps"] = FRAME_DIR_FPS if config.fps is None else config.fps
     software = {key: features.pop(key) for key in ("torch", "torchvision") if key in features}
+    software.update(decoder=video_decoder_version(config.decoder), compiled=config.compile)
     return {"features": features, "software": {**software_versions(), **software}}
 
 
-def device_defaults(config: ExtractConfig, device: torch.device) -> tuple[int, int]:
-    """(--batch-size, --workers) as given, else what suits the device: a GPU wants large batches fed by two
-    decoders; a CPU computes a frame at a time anyway, and a batch of 64 ResNet-50 inputs makes activations of
-    50-200 MB that the allocator maps and unmaps on every call (5.4 M page faults and a third of the CPU time in
-    the kernel for 128 frames; batch 8: 1.0 M), while one decoder keeps up with its network easily."""
+def device_defaults(config: ExtractConfig, device: torch.device) -> tuple[int, int, int]:
+    """(--batch-size, --workers, --writer-threads) as given, else what suits the device: a GPU wants large batches
+    fed by two decoders and a store that compresses in several threads (benchmarks/README.md: one thread writes
+    ~460 zarr / ~830 HDF5 steps/s of 7x7x2048 maps, far below a GPU's frames/s); a CPU computes a frame at a time
+    anyway, and a batch of 64 ResNet-50 inputs makes activations of 50-200 MB that the allocator maps and unmaps
+    on every call (5.4 M page faults and a third of the CPU time in the kernel for 128 frames; batch 8: 1.0 M),
+    while one decoder and one writer keep up with its network easily and leave the cores to it."""
     on_gpu = device.type == "cuda"
     return (config.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH),
-            config.workers or (GPU_DECODERS if on_gpu else CPU_DECODERS))
+            config.workers or (GPU_DECODERS if on_gpu else CPU_DECODERS),
+            config.writer_threads or (GPU_WRITERS if on_gpu else CPU_WRITERS))
 
 
-def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
-    shard_index, shard_count = parse_shard(config.shard)
-    sampling = Sampling.parse(config.sampling)
-    entries = read_manifest(config.manifest)[shard_index::shard_count]
+def check_decoder(config: ExtractConfig) -> None:
+    """Refuse --decoder torchcodec before any video is touched when torchcodec cannot run here (else every video
+    would be recorded as a decode failure)."""
+    if config.decoder.startswith("torchcodec"):
+        from .torchcodec_reader import problem  # imported here: torchcodec loads FFmpeg's libraries at import
+        reason = problem()
+        if reason is not None:
+            raise ValueError(f"--decoder {config.decoder}: {reason}; or use --decoder decord")
+
+
+def video_decoder_version(decoder: str) -> str:
+    if decoder == "decord":
+        import decord
+        return f"decord-{decord.__version__}"
+    from .torchcodec_reader import version
+    return version() + ("-cuda" if decoder.endswith("-cuda") else "")
+
+
+def prepare_backbone(config: ExtractConfig) -> tuple[ExtractConfig, Backbone]:
+    """The run's backbone (compiled with --compile), and the config with the per-device defaults filled in."""
+    check_decoder(config)
     resize = config.resize or round(config.frame_size * 256 / 224)
     backbone = build_backbone(config.backbone, config.weights, Preprocess(config.frame_size, resize),
                               config.device, config.precision, config.seed, config.clip_length, config.clip_stride,
                               config.flow, config.flow_weights)
-    batch_size, workers = device_defaults(config, backbone.device)
-    config = replace(config, batch_size=batch_size, workers=workers)
+    if config.compile:
+        backbone.compile()
+    batch_size, workers, writer_threads = device_defaults(config, backbone.device)
+    return replace(config, batch_size=batch_size, workers=workers, writer_threads=writer_threads), backbone
+
+
+def part_info(config: ExtractConfig, tag: str, provenance: dict) -> dict:
+    """What each part records of the run that wrote it."""
+    return {"manifest": str(config.manifest), "manifest_sha256": file_sha256(config.manifest), "shard": tag,
+            "software": provenance["software"]}
+
+
+def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
+    if config.cluster is not None:
+        from .cluster_run import run_on_cluster  # imported here: cluster_run builds on this module
+        return run_on_cluster(config, show_progress)
+    shard_index, shard_count = parse_shard(config.shard)
+    entries = read_manifest(config.manifest)[shard_index::shard_count]
+    config, backbone = prepare_backbone(config)
     provenance = store_provenance(config, backbone)
     tag = f"s{shard_index}of{shard_count}"
     summary = ExtractSummary(store=config.out)
@@ -183,29 +242,45 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
         present = store.videos(config.stream)
         todo = [entry for entry in entries if entry.video_id not in present]
         summary.skipped = len(entries) - len(todo)
-        part_info = {"manifest": str(config.manifest), "manifest_sha256": file_sha256(config.manifest),
-                     "shard": tag, "software": provenance["software"]}
-
-        def new_part() -> PartWriter:
-            return store.new_part(tag, config.stream, config.dtype, backbone.out_channels, part_info)
-
-        jobs = (DecodeJob(entry.video_id, entry.resolve(config.root), sampling, entry.start_frame,
-                          entry.end_frame, config.fps) for entry in todo)
-        by_id = {entry.video_id: entry for entry in todo}
         bar = tqdm(total=len(todo), unit="video", disable=None if show_progress else True, desc="extract")
-        try:
-            with bar, PartSequence(new_part, config.videos_per_part) as parts:
-                for decoded in prefetch(jobs, config.batch_size, config.workers):
-                    entry = by_id[decoded.job.key]
-                    summary.frames += _extract_video(entry, decoded, backbone, parts.current(), config, summary)
-                    parts.video_done()
-                    bar.update()
-                    bar.set_postfix(frames_per_s=f"{summary.frames / (time.perf_counter() - started):.1f}")
-        except OSError as error:  # the disk, not a video: the part was rolled back on the way out
-            raise StoreError(_write_failure(error, store, entries, config.stream)) from error
+
+        def progress() -> None:
+            bar.update()
+            bar.set_postfix(frames_per_s=f"{summary.frames / (time.perf_counter() - started):.1f}")
+
+        with bar:
+            extract_videos(config, backbone, store, tag, todo, part_info(config, tag, provenance), summary,
+                           config.videos_per_part, progress)
         store.rebuild_index()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def extract_videos(config: ExtractConfig, backbone: Backbone, store: FeatureStore, tag: str,
+                   todo: list[VideoEntry], info: dict, summary: ExtractSummary, videos_per_part: int,
+                   on_video: Callable[[], None]) -> None:
+    """Decode, run and store ``todo`` in parts tagged ``tag`` of ``videos_per_part`` videos each (hold
+    ``store.lock(tag)``); failures go into the parts and ``summary``. A disk error rolls the open part back and
+    becomes a StoreError saying what a rerun needs."""
+    sampling = Sampling.parse(config.sampling)
+    reader = VIDEO_DECODERS[config.decoder]
+
+    def new_part() -> PartWriter:
+        return store.new_part(tag, config.stream, config.dtype, backbone.out_channels, info,
+                              writer_threads=config.writer_threads)
+
+    jobs = (DecodeJob(entry.video_id, entry.resolve(config.root), sampling, entry.start_frame, entry.end_frame,
+                      config.fps, reader) for entry in todo)
+    by_id = {entry.video_id: entry for entry in todo}
+    try:
+        with PartSequence(new_part, videos_per_part) as parts:
+            for decoded in prefetch(jobs, config.batch_size, config.workers):
+                entry = by_id[decoded.job.key]
+                summary.frames += _extract_video(entry, decoded, backbone, parts.current(), config, summary)
+                parts.video_done()
+                on_video()
+    except OSError as error:  # the disk, not a video: the part was rolled back on the way out
+        raise StoreError(_write_failure(error, store, todo, config.stream)) from error
 
 
 def _write_failure(error: OSError, store: FeatureStore, entries: list[VideoEntry], stream: str) -> str:

@@ -12,6 +12,7 @@ import yaml
 from tqdm import tqdm
 
 from extract.backbones import available_backbones
+from extract.decode import VIDEO_DECODERS
 from extract.errors import describe_os_error
 from extract.flow import FLOW_METHODS
 from extract.manifest import ManifestError
@@ -141,6 +142,14 @@ def synth(out_dir: Path, seed: int, videos_per_class: int, num_frames: int, fram
               help="Feed optical flow between consecutive sampled frames to the backbone (with --stream flow).")
 @click.option("--flow-weights", default="default", show_default=True,
               help="RAFT's weights: default (torchvision's enum), none (seeded random init) or a state-dict path.")
+@click.option("--decoder", type=click.Choice(list(VIDEO_DECODERS)), default="decord", show_default=True,
+              help="Video decoder: decord, torchcodec (CPU) or torchcodec-cuda (NVDEC); recorded in provenance.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the backbone (recorded in provenance).")
+@click.option("--writer-threads", type=int, default=None,
+              help="Threads compressing store chunks [default: 4 on a GPU, 1 on the CPU].")
+@click.option("--cluster", default=None,
+              help="Run the parts as tasks on dask: local[:N] (N worker processes; default one per GPU, else per "
+                   "core), tcp://HOST:PORT (a running scheduler) or slurm[:CONFIG.yaml].")
 def extract(manifest: Path, root: Path | None, out: Path, store_format: str, **options) -> None:
     """Stage one: extract backbone features of MANIFEST's videos into the store --out (resumes if it exists)."""
     config = ExtractConfig(manifest=manifest, root=root or manifest.parent, out=out, format=store_format, **options)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.cluster import LAUNCHERS
+from extract.cluster import LAUNCHERS
 from pipelines.plots import confusion_plot, find_run, hparam_plots, training_curves, tsne_plot
 from pipelines.report import FORMATS, SELECTIONS, write_report
 from pipelines.sweep import run_state, run_sweep

@@ -13,7 +13,7 @@ A rerun of the sweep skips every run whose ``done`` holds its hash, resumes a ki
 demo names its directories, so this happens there), moves that run aside to ``<name>.replaced-<time>`` and trains
 anew: nothing computed is ever deleted. A failing run is recorded and the sweep goes on; the exit code is then 2.
 
-Runs execute where ``pipelines/cluster.py`` says, as :func:`execute_run`, always inside long-lived processes: this
+Runs execute where ``extract/cluster.py`` says, as :func:`execute_run`, always inside long-lived processes: this
 one (one slot), K local worker processes, or dask workers. Each process shares the stores and features it loaded
 between the runs it executes (``pipelines/feature_cache.py``), so a grid of short runs on cached features pays for
 start-up and the store read once per worker, not once per run.
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from extract.errors import describe_os_error
 from extract.manifest import read_manifest
-from pipelines.cluster import open_executor
+from extract.cluster import open_executor
 from pipelines.diagnose import diagnose_run
 from pipelines.feature_cache import PROCESS_CACHE
 from pipelines.sweep_spec import PlannedRun

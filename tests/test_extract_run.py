@@ -316,6 +316,24 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, backend):
 def test_batch_and_decoders_default_per_device_and_explicit_values_win():
     from extract.run import ExtractConfig, device_defaults
     config = ExtractConfig(manifest=Path("m.csv"), root=Path("."), out=Path("s"))
-    assert device_defaults(config, torch.device("cpu")) == (8, 1)
-    assert device_defaults(config, torch.device("cuda")) == (64, 2)
-    assert device_defaults(replace(config, batch_size=3, workers=4), torch.device("cpu")) == (3, 4)
+    assert device_defaults(config, torch.device("cpu")) == (8, 1, 1)
+    assert device_defaults(config, torch.device("cuda")) == (64, 2, 4)
+    assert device_defaults(replace(config, batch_size=3, workers=4, writer_threads=2), torch.device("cpu")) == (3, 4, 2)
+
+
+def test_compile_wraps_the_network_and_decoder_and_compilation_are_recorded_not_compared(tmp_path):
+    from extract.run import prepare_backbone, store_provenance
+    manifest = write_manifest(tmp_path, [row("v.mp4")])
+    config = ExtractConfig(manifest=manifest, root=tmp_path, out=tmp_path / "store", compile=True, **TINY)
+    config, backbone = prepare_backbone(config)
+    # torch.compile compiles at the first call (tens of seconds on this CPU, so not run here); the wrapper is in place
+    assert isinstance(backbone.network, torch._dynamo.eval_frame.OptimizedModule)
+    provenance = store_provenance(config, backbone)
+    assert provenance["software"]["compiled"] is True
+    assert provenance["software"]["decoder"].startswith("decord-0.")
+    assert not {"compiled", "decoder"} & set(provenance["features"])  # a resume may change them
+    for bad, message in ((dict(decoder="ffmpeg"), "--decoder 'ffmpeg': use one of decord, torchcodec"),
+                         (dict(writer_threads=0), "--writer-threads 0: must be at least 1"),
+                         (dict(cluster="local:0"), "--cluster 'local:0'")):
+        with pytest.raises(ValueError, match=message):
+            replace(config, **bad)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import make_feature_store
 from pipelines.cli import main
-from pipelines.cluster import ClusterError, parse_cluster, slurm_cluster
+from extract.cluster import ClusterError, parse_cluster, slurm_cluster
 from pipelines.feature_cache import FeatureCache
 from pipelines.sweep_spec import SpecError, config_hash, draw, load_spec, parse_spec, plan, seed_hash
 from pipelines.train import train

@@ -440,12 +440,13 @@ class FeatureStore:
             raise StoreError(f"{self.root}: no stream {stream!r}; this store has {', '.join(self.streams)}")
 
     # ---- writing -------------------------------------------------------------------------------------
-    def lock(self, tag: str) -> TextIO:
+    def lock(self, tag: str, wait: bool = False) -> TextIO:
         """Exclusive lock for writers of parts tagged ``tag``, held until the returned file is closed (use it
-        as a context manager); stale temporary parts of that tag are removed."""
+        as a context manager); stale temporary parts of that tag are removed. Held by another process: a
+        StoreError, or with ``wait`` a wait until it is released (a cluster task whose first copy still runs)."""
         handle = open(self.root / f".lock-{tag}", "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.close()
             raise StoreError(f"{self.root}: another extraction is writing shard {tag} of this store; wait for it "
@@ -467,11 +468,12 @@ class FeatureStore:
         self._update_meta(lambda meta: meta.update(entries))
 
     def new_part(self, tag: str, stream: str, dtype: str, channels: int, part_info: dict,
-                 shard_steps: int = 64) -> PartWriter:
-        """A writer for the next part tagged ``tag`` (hold ``lock(tag)`` while writing)."""
+                 shard_steps: int = 64, writer_threads: int = 1) -> PartWriter:
+        """A writer for the next part tagged ``tag`` (hold ``lock(tag)`` while writing); ``writer_threads`` > 1
+        compresses its chunks in that many threads (hdf5_part.py, zarr_part.py)."""
         name = self.next_part_name(tag)
         tmp = self.root / "parts" / f".tmp-{name}"
-        return PartWriter(self._writer_cls(tmp, shard_steps), tmp, self.root / "parts" / name, stream,
+        return PartWriter(self._writer_cls(tmp, shard_steps, writer_threads), tmp, self.root / "parts" / name, stream,
                           self.map_shape(stream), channels, dtype, shard_steps, part_info)
 
     # ---- integrity -----------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ compressed with zstd and checksummed with crc32c. Inner chunks are packed into s
 steps so a store holds a few large objects instead of one file per frame; the writer buffers whole shards
 and writes each one once, so no shard is ever shared by two writers (research/store.md §1.6: two writers in
 one shard silently lose data).
+
+A writer with ``threads`` > 1 lets zarr's codec pipeline compress the inner chunks of a shard concurrently:
+``codec_pipeline.batch_size`` (default 1: one chunk at a time) becomes the shard's step count, and
+``threading.max_workers`` sizes zarr's thread pool (numcodecs' zstd releases the GIL). zarr creates that pool once
+per process, at its first use, so the first writer of a process sets its size (``vidshift extract`` is one process;
+benchmarks/extract.py measures each count in a fresh one).
 """
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ class ZarrPartWriter:
     # of that, and compression keeps the zero padding of a part's last, partial chunk small).
     small_chunk_steps = None
 
-    def __init__(self, path: Path, shard_steps: int) -> None:
+    def __init__(self, path: Path, shard_steps: int, threads: int = 1) -> None:
         self.group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
         self.shard_steps = shard_steps
+        self.codec_threads = ({"codec_pipeline.batch_size": shard_steps, "threading.max_workers": threads}
+                              if threads > 1 else {})
 
     def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str, chunk_steps: int) -> None:
         """An empty array of rows ``row_shape``; ``chunk_steps`` must divide ``shard_steps``."""
@@ -48,7 +56,8 @@ class ZarrPartWriter:
         end = start + len(rows)
         if array.shape[0] < end:
             array.resize((end, *array.shape[1:]))
-        array[start:end] = rows
+        with zarr.config.set(self.codec_threads):
+            array[start:end] = rows
 
     def read_back(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
         return self.group[f"{stream}/{name}"][start:stop]

@@ -1,8 +1,8 @@
 """Where tasks run: this process, a pool of local worker processes, or a dask.distributed cluster.
 
 Everything here hands out a ``concurrent.futures.Executor``, so a caller (the training sweep, ``pipelines/sweep.py``;
-cluster extraction will be the second) writes one submit/wait loop and does not care where its tasks run. It knows
-nothing of training: a task is any importable function of picklable arguments.
+cluster extraction, ``extract/cluster_run.py``) writes one submit/wait loop and does not care where its tasks run.
+It knows nothing of training or extraction: a task is any importable function of picklable arguments.
 
 - ``local`` with K slots: K long-lived worker processes on this machine (``spawn``, torch threads split between
   them), or, with one slot, this process itself (no start-up at all). K runs in flight share one GPU: light heads
@@ -19,7 +19,9 @@ nothing of training: a task is any importable function of picklable arguments.
   The dashboard's address is printed. Dask reschedules a dead worker's task elsewhere (up to
   ``distributed.scheduler.allowed-failures`` times, then the task fails with ``KilledWorker``).
 Local dask workers are started non-daemonic, so a task may start DataLoader worker processes of its own; dask's
-nanny sets ``OMP_NUM_THREADS=1`` in them (one torch thread per task), as we want.
+nanny sets ``OMP_NUM_THREADS=1`` in them (one torch thread per task), as we want. With ``one_gpu_each`` a local
+cluster's worker N sees only GPU N (``CUDA_VISIBLE_DEVICES``, set by a worker plugin before any task touches CUDA;
+a worker restarted after a crash keeps its name and so its GPU), so N workers share N GPUs without a device option.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import yaml
+from distributed import WorkerPlugin
 
 LAUNCHERS = ("local", "dask")
 
@@ -116,9 +119,28 @@ def slurm_cluster(config_path: Path | None):
     return cluster, scaling
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA); counting them does not initialise CUDA."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+class OneGpuEach(WorkerPlugin):
+    """Worker ``name`` (a local cluster numbers its workers 0..N-1) sees GPU ``name % gpus`` only."""
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+
+    def setup(self, worker) -> None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.gpus)
+
+
 @contextmanager
-def dask_executor(text: str, workers: int, echo: Callable[[str], None] = print) -> Iterator[Executor]:
-    """An executor on the dask cluster ``text`` (``parse_cluster``); local and SLURM clusters are closed after."""
+def dask_executor(text: str, workers: int, echo: Callable[[str], None] = print,
+                  one_gpu_each: bool = False) -> Iterator[Executor]:
+    """An executor on the dask cluster ``text`` (``parse_cluster``); local and SLURM clusters are closed after.
+    ``one_gpu_each``: a local cluster's workers get one GPU each (``OneGpuEach``), when there are GPUs."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -136,6 +158,8 @@ def dask_executor(text: str, workers: int, echo: Callable[[str], None] = print) 
                 cluster.scale(jobs=int(scaling.get("jobs", workers)))
         client = Client(cluster if cluster is not None else address.address)
     try:
+        if one_gpu_each and address.kind == "local" and visible_gpus():
+            client.register_plugin(OneGpuEach(visible_gpus()), name="vidshift-one-gpu-each")
         echo(f"dask cluster {text}: dashboard {client.dashboard_link}")
         yield client.get_executor(pure=False)
     finally:
