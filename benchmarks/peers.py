@@ -74,7 +74,7 @@ TA3N_SETS = [("ucf", "ucf101", "train", 1438), ("hmdb", "hmdb51", "train", 840),
 FRAMES = (80, 120)  # frames per video, inclusive
 CHANNELS = 2048
 EPOCH_LINE = re.compile(r"epoch (\d+) \((\d+(?:\.\d+)?)s\)")
-FEATURES_LINE = re.compile(r"features (memory|streamed)[^\n]*")
+FEATURES_LINE = re.compile(r"features \d+ of \d+ sets[^\n]*")
 MIB = re.compile(r"\((\d+(?:\.\d+)?) MiB")
 
 
@@ -311,14 +311,17 @@ def run_official(args, tree: Path, work: Path, case: Case, round_: int, data_onl
 
 
 def run_vidshift_train(args, store: Path, work: Path, case: Case, round_: int, features: str, epochs: int,
-                       sampling: str | None = None) -> str:
-    """One `vidshift train` run; returns its train.log line saying where the features are."""
-    out = work / f"vidshift-{features}{'-' + sampling if sampling else ''}-r{round_}"
+                       sampling: str | None = None, disk_copies: bool = True) -> str:
+    """One `vidshift train` run; returns its train.log line saying where the features are. Streamed sets get
+    their disk copies in WORK/feature-cache (made by the first run that streams them, reused by the later ones),
+    or, without ``disk_copies``, are read from the store by the workers."""
+    out = work / f"vidshift-{features}{'-' + sampling if sampling else ''}{'' if disk_copies else '-store'}-r{round_}"
     shutil.rmtree(out, ignore_errors=True)
     command = vidshift("train", "--store", store, "--manifest", store / "manifest.csv", "--head", "trn",
                        "--method", "ta3n", "--source", "ucf", "--target", "hmdb", "--setting", "da",
                        "--features", features, "--set", f"epochs={epochs}", "--device", args.device,
                        "--workers", args.vidshift_workers, "--out", out,
+                       "--feature-cache", work / "feature-cache" if disk_copies else "none",
                        *(["--train-sampling", sampling] if sampling else []),
                        *(["--no-dynamic-score"] if args.no_dynamic_score else []))
     log = work / f"{out.name}.stdout.log"
@@ -356,6 +359,8 @@ def bench_ta3n(args, work: Path) -> tuple[list[str], list[str]]:
 
     official, loaders = Case("official TA3N main.py"), Case("official loaders only (no model)")
     memory, stream = Case("vidshift --features memory"), Case("vidshift --features stream")
+    from_store = Case("vidshift --features stream --feature-cache none")
+    shutil.rmtree(work / "feature-cache", ignore_errors=True)   # the first streaming run writes the disk copies
     centre = Case("vidshift --features memory --train-sampling centre")
     places = {}
     for r in range(args.rounds):
@@ -367,6 +372,9 @@ def bench_ta3n(args, work: Path) -> tuple[list[str], list[str]]:
         run_official(args, tree, work, loaders, r, data_only=True)
         say(f"round {r + 1}/{args.rounds}: vidshift --features stream ...")
         places["stream"] = run_vidshift_train(args, store, work, stream, r, "stream", args.epochs)
+        say(f"round {r + 1}/{args.rounds}: vidshift --features stream --feature-cache none ...")
+        places["stream from the store"] = run_vidshift_train(args, store, work, from_store, r, "stream", args.epochs,
+                                                             disk_copies=False)
         if args.centre:
             say(f"round {r + 1}/{args.rounds}: vidshift --features memory --train-sampling centre ...")
             places["centre"] = run_vidshift_train(args, store, work, centre, r, "memory", args.epochs, "centre")
@@ -389,7 +397,7 @@ def bench_ta3n(args, work: Path) -> tuple[list[str], list[str]]:
     imp = median([u.wall for u in imports])
     import_rows.append([f"per file: {imp / files * 1e3:.2f} ms; {files / imp:.0f} files/s", "", "", "", "", ""])
 
-    cases = [official, loaders, memory, stream] + ([centre] if args.centre else []) + [auto]
+    cases = [official, loaders, memory, stream, from_store] + ([centre] if args.centre else []) + [auto]
     epoch_rows = [["run", "epoch s (median)", "epoch s (all)", "train s", "val s", "videos/s (train)",
                    "wall s (run)", "user s", "sys s", "minor faults M", "max RSS MB"]]
     n_train = sum(c for d, _, s, c in sizes if s == "train")
@@ -402,7 +410,7 @@ def bench_ta3n(args, work: Path) -> tuple[list[str], list[str]]:
                            f"{n_train / median(case.train):.0f}" if case.train else "", *u.cells()])
     printed = median(official.printed)
     ratio_rows = [["comparison", "official s", "vidshift s", "vidshift speed-up"]]
-    for case in (memory, stream) + ((centre,) if args.centre else ()):
+    for case in (memory, stream, from_store) + ((centre,) if args.centre else ()):
         ratio_rows.append([f"epoch: official main.py vs {case.label}", f"{median(official.epochs):.2f}",
                            f"{median(case.epochs):.2f}", f"{median(official.epochs) / median(case.epochs):.2f}x"])
     ratio_rows.append([f"epoch: official loaders alone vs {stream.label}", f"{median(loaders.epochs):.2f}",

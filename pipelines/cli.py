@@ -31,7 +31,7 @@ from pipelines.cli_sweep import report, sweep
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.diagnose import diagnose
 from pipelines.evaluate import ENSEMBLE_RULES, evaluate_ensemble, evaluate_run
-from pipelines.train import TrainConfig, train as run_training
+from pipelines.train import TrainConfig, default_feature_cache, train as run_training
 
 # Expected failures: bad input (RunError, HeadError, ManifestError, JSON and UTF-8 errors are ValueErrors), a
 # damaged or incompatible store, the operating system (disk full, read-only, missing files), and files that
@@ -275,6 +275,12 @@ def list_models() -> str:
     return "\n".join(lines)
 
 
+def feature_cache_dir(_ctx, _param, value: str | None) -> Path | None:
+    if value is None:
+        return default_feature_cache()
+    return None if value.lower() == "none" else Path(value)
+
+
 def split_streams(_ctx, _param, value: str) -> tuple[str, ...]:
     return tuple(stream.strip() for stream in value.split(",") if stream.strip())
 
@@ -289,7 +295,10 @@ def split_streams(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--memory-budget-gb", type=click.FloatRange(min=0), default=None, help="Budget for --features auto.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
-              help="DataLoader processes when streaming.")
+              help="DataLoader processes when streaming from the store.")
+@click.option("--feature-cache", callback=feature_cache_dir, metavar="DIR|none",
+              help="Where streamed features get memory-mapped disk copies, reused by later runs [default: "
+                   "$VIDSHIFT_FEATURE_CACHE, else ~/.cache/vidshift/features]; none: read every batch from the store.")
 @click.option("--eval-split", default=None, help="Target split to report [default: test, else val].")
 @click.option("--skip-missing", is_flag=True, help="Train without manifest videos the store lacks.")
 @click.option("--stream", "streams", default="rgb", show_default=True, callback=split_streams,

@@ -2,8 +2,9 @@
 
 A ``FeatureSet`` is the videos of one (domain, split) of a manifest, looked up in a store. Which time steps a
 batch takes is decided in the main process by a seeded generator (``epoch_plan``), and only then are the
-features fetched, from memory or from the store by DataLoader worker processes. Both paths therefore give the
-same numbers, and the choice between them is just a matter of whether the features fit in memory.
+features fetched: indexed in the set's held features (in memory, or a memory-mapped disk copy of them, see
+``place_features``) or read from the store by DataLoader worker processes. Every path therefore gives the same
+numbers, and the choice between them is a matter of what fits where.
 
 TSN sampling (DESIGN §6, TA3N code ``dataset.py``): a video's T steps are cut into N equal segments; training
 takes one random step per segment (or the segment centre, the official TA3N code's choice); evaluation takes
@@ -16,9 +17,14 @@ concatenated per step on the channel axis (early fusion, EPIC's ``ALL``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +37,8 @@ from heads.base import Inputs, map_inputs
 TRAIN_SAMPLINGS = ("random", "centre")
 FEATURE_PLACES = ("auto", "memory", "stream")
 FUSIONS = ("late", "early")
+DISK_FORMAT = 1            # in every disk copy's name: a change of how copies are laid out names new files
+DISK_HEADROOM = 2**30      # free space a disk copy leaves on its filesystem
 
 
 def centre_steps(n_steps: int, num_segments: int) -> np.ndarray:
@@ -131,7 +139,8 @@ class FeatureSet(PlannedVideos):
         self.stream_steps = dict(zip(self.streams, steps_per_stream))   # each stream's own length, for offsets
         self.n_steps = np.min(steps_per_stream, axis=0)                  # the range every stream has
         self.labels = torch.tensor([class_index[entry.label] for entry in entries]) if labelled else None
-        self._memory: dict[str, tuple[torch.Tensor, np.ndarray]] | None = None
+        self._memory: dict[str, tuple[torch.Tensor, np.ndarray, np.ndarray]] | None = None  # per stream, held
+        self.held_in: torch.device | Path | None = None   # the device, or the directory of the mapped files
         self.idle_loaders: dict[int, list[DataLoader]] = {}   # streaming loaders by worker count, see _streamed
 
     def __len__(self) -> int:
@@ -167,36 +176,94 @@ class FeatureSet(PlannedVideos):
         """
         self._memory = {}
         for stream in self.streams:
-            offsets = np.concatenate([[0], np.cumsum(self.stream_steps[stream])[:-1]])
-            held = [self.held_steps(v, centres_of) for v in range(len(self))]
-            first_row = np.concatenate([[0], np.cumsum([len(h) for h in held])[:-1]])
-            row_of = np.full(int(self.stream_steps[stream].sum()), -1, dtype=np.int64)  # -1: step not held
-            for v, steps in enumerate(held):
-                row_of[offsets[v] + steps] = first_row[v] + np.arange(len(steps))
-            sample = self.store.read_record(self.records[stream][0], self.array, steps=[0])
-            features = torch.empty((int(first_row[-1] + len(held[-1])), *sample.shape[1:]),
-                                   dtype=torch.from_numpy(sample).dtype, device=device)
-            if centres_of is None:
-                for v, rows in self.store.read_videos(self.records[stream], self.array):
-                    kept = rows[:self.n_steps[v]]   # a stream longer than the others (rgb beside flow) is cut
-                    features[first_row[v]:first_row[v] + len(kept)] = torch.from_numpy(kept)
-            else:
-                for v, steps in enumerate(held):
-                    rows = self.store.read_record(self.records[stream][v], self.array, steps=steps)
-                    features[first_row[v]:first_row[v] + len(rows)] = torch.from_numpy(rows)
-            self._memory[stream] = (features, offsets, row_of)
+            layout = self._layout(stream, centres_of)
+            sample = self._sample_row(stream)
+            features = torch.empty((layout.n_rows, *sample.shape[1:]), dtype=torch.from_numpy(sample).dtype,
+                                   device=device)
+            self._fill(features, stream, layout, centres_of)
+            self._memory[stream] = (features, layout.offsets, layout.row_of)
+        self.held_in = device
+
+    def hold_on_disk(self, directory: Path, centres_of: int | None = None) -> None:
+        """Hold the features in one memory-mapped ``.npy`` file per stream in ``directory``: batches index it as
+        they index memory, and the kernel's page cache keeps in RAM what fits (shared by every process that maps
+        the same file), the disk the rest.
+
+        The file is named by the content hashes of what it holds (:meth:`disk_key`), so later runs on the same
+        videos, of this store or of a copy, reuse it instead of reading the store again. It is written under a
+        temporary name and renamed when complete: a killed run leaves no file that looks whole.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        self._memory = {}
+        for stream in self.streams:
+            layout = self._layout(stream, centres_of)
+            sample = self._sample_row(stream)
+            shape = (layout.n_rows, *sample.shape[1:])
+            path = directory / f"{self.disk_key(stream, centres_of)}.npy"
+            features = _mapped(path, shape, sample.dtype)
+            if features is None:
+                partial = directory / f".tmp-{os.getpid()}-{path.name}"
+                try:
+                    written = np.lib.format.open_memmap(partial, mode="w+", dtype=sample.dtype, shape=shape)
+                    self._fill(torch.from_numpy(written), stream, layout, centres_of)
+                    written.flush()
+                    del written
+                    os.replace(partial, path)
+                finally:
+                    partial.unlink(missing_ok=True)
+                features = _mapped(path, shape, sample.dtype)
+            self._memory[stream] = (torch.from_numpy(features), layout.offsets, layout.row_of)
+        self.held_in = directory
+
+    def disk_key(self, stream: str, centres_of: int | None) -> str:
+        """What a disk copy of ``stream`` holds, as a name: the array, which steps, and each video's content hash
+        (its step count cut to the range every stream has). Records without a hash (stores of format 1) are
+        named by where they are stored instead."""
+        videos = [(record.sha256 or f"{self.store.root}:{record.part}:{record.offset}", int(n))
+                  for record, n in zip(self.records[stream], self.n_steps)]
+        identity = json.dumps([DISK_FORMAT, self.array, centres_of, videos])
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+    def has_disk_copy(self, directory: Path, centres_of: int | None = None) -> bool:
+        """Whether ``directory`` holds a disk copy of every stream (of what ``centres_of`` says is read)."""
+        return all((directory / f"{self.disk_key(stream, centres_of)}.npy").is_file() for stream in self.streams)
+
+    def _layout(self, stream: str, centres_of: int | None) -> "_Layout":
+        offsets = np.concatenate([[0], np.cumsum(self.stream_steps[stream])[:-1]])
+        held = [self.held_steps(v, centres_of) for v in range(len(self))]
+        first_row = np.concatenate([[0], np.cumsum([len(h) for h in held])[:-1]])
+        row_of = np.full(int(self.stream_steps[stream].sum()), -1, dtype=np.int64)  # -1: step not held
+        for v, steps in enumerate(held):
+            row_of[offsets[v] + steps] = first_row[v] + np.arange(len(steps))
+        return _Layout(offsets, held, first_row, row_of, int(first_row[-1] + len(held[-1])))
+
+    def _sample_row(self, stream: str) -> np.ndarray:
+        return self.store.read_record(self.records[stream][0], self.array, steps=[0])
+
+    def _fill(self, features: torch.Tensor, stream: str, layout: "_Layout", centres_of: int | None) -> None:
+        """Read the held steps of ``stream`` into ``features`` (rows in layout order)."""
+        if centres_of is None:
+            for v, rows in self.store.read_videos(self.records[stream], self.array):
+                kept = rows[:self.n_steps[v]]   # a stream longer than the others (rgb beside flow) is cut
+                features[layout.first_row[v]:layout.first_row[v] + len(kept)] = torch.from_numpy(kept)
+        else:
+            for v, steps in enumerate(layout.held):
+                rows = self.store.read_record(self.records[stream][v], self.array, steps=steps)
+                features[layout.first_row[v]:layout.first_row[v] + len(rows)] = torch.from_numpy(rows)
 
     @property
-    def in_memory(self) -> bool:
+    def held(self) -> bool:
+        """Whether batches index held features (in memory or a mapped file) instead of reading the store."""
         return self._memory is not None
 
     def gather(self, plan: BatchPlan) -> Inputs:
-        """Features [B, N, ...] float32 of a plan, from memory (call ``load`` first)."""
+        """Features [B, N, ...] float32 of a plan, from the held features (call ``load`` or ``hold_on_disk``
+        first), on the device that holds them."""
         per_stream = {}
         for stream, (features, offsets, row_of) in self._memory.items():
             rows = row_of[offsets[plan.videos][:, None] + plan.steps]
             if (rows < 0).any():
-                raise RuntimeError(f"a batch reads steps the {stream!r} features in memory do not hold (only the "
+                raise RuntimeError(f"a batch reads steps the {stream!r} features held do not include (only the "
                                    f"segment centres were loaded); load every step for random sampling")
             per_stream[stream] = features[torch.from_numpy(rows).to(features.device)].float()
         return combine_streams(per_stream, self.fusion)
@@ -205,6 +272,34 @@ class FeatureSet(PlannedVideos):
         return combine_streams({stream: torch.from_numpy(self.store.read_record(self.records[stream][video],
                                                                                 self.array, steps)).float()
                                 for stream in self.streams}, self.fusion)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a stream's held steps go: rows of video v start at ``first_row[v]``; ``row_of`` maps (the video's
+    offset in the stream's concatenated steps + step) to a row, -1 where the step is not held."""
+
+    offsets: np.ndarray
+    held: list[np.ndarray]
+    first_row: np.ndarray
+    row_of: np.ndarray
+    n_rows: int
+
+
+def _mapped(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """The disk copy at ``path`` mapped copy-on-write (read-only in effect; torch wants a writable array), or
+    None when there is none of that shape and dtype (never written, or cut short)."""
+    try:
+        array = np.load(path, mmap_mode="c")
+    except (OSError, ValueError):
+        return None
+    return array if array.shape == shape and array.dtype == dtype else None
+
+
+def disk_has_room(directory: Path, nbytes: int) -> bool:
+    """Whether ``nbytes`` more fit on the filesystem of ``directory`` (created or not) with DISK_HEADROOM left."""
+    existing = next(parent for parent in (directory, *directory.parents) if parent.exists())
+    return shutil.disk_usage(existing).free >= nbytes + DISK_HEADROOM
 
 
 class _PlanDataset(Dataset):
@@ -254,46 +349,53 @@ def _streamed(features: FeatureSet, plans: list[BatchPlan], workers: int) -> Ite
 
 
 def iterate(features: FeatureSet, plans: list[BatchPlan], workers: int, device: torch.device):
-    """Yield (plan, features [B, N, ...] on ``device``, or {stream: ...}) for each plan, from memory or streamed.
+    """Yield (plan, features [B, N, ...] on ``device``, or {stream: ...}) for each plan, from the held features
+    or read from the store by ``workers`` processes.
 
     A plan without videos (only added examples) yields an empty dict as features.
     """
-    if features.in_memory:
-        for plan in plans:
-            yield plan, features.gather(plan)
-        return
-    for plan, batch in zip(plans, _streamed(features, plans, workers)):
+    batches = (features.gather(plan) for plan in plans) if features.held else _streamed(features, plans, workers)
+    for plan, batch in zip(plans, batches):
         yield plan, map_inputs(lambda x: x.to(device), batch) if len(plan.videos) else {}
 
 
 def place_features(sets: list[tuple[FeatureSet, int | None]], where: str, device: torch.device,
-                   budget_bytes: int) -> str:
-    """Load the sets into memory (``memory``), stream all of them (``stream``), or, for ``auto``, hold every set
-    that fits the budget, the smallest first, and stream the rest.
+                   budget_bytes: int, disk: Path | None = None) -> str:
+    """Hold the sets in memory (``memory``), stream all of them (``stream``), or, for ``auto``, hold in memory
+    every set that fits the budget, the smallest first, and stream the rest. Returns what it did, for the log.
 
     ``sets``: (set, the centres of how many segments the run reads of it, or None for every step); memory holds
     only what is read. Smallest first because the evaluation sets' segment centres are a few steps per video and
     are read again every epoch: when the training features do not fit, they still do.
+
+    A streamed set is held in a memory-mapped file in ``disk`` (:meth:`FeatureSet.hold_on_disk`) when there is
+    room for it there: batches then index the file as they index memory, at page-cache speed. Without ``disk``,
+    or without room, each batch is read from the store by DataLoader workers (a store call per video: slower,
+    and zarr's calls cost ~1-3 ms each).
     """
     if where not in FEATURE_PLACES:
         raise ValueError(f"features place {where!r}: use one of {', '.join(FEATURE_PLACES)}")
     sizes = [feature_set.nbytes(centres_of) for feature_set, centres_of in sets]
-    held: list[int] = []
+    in_memory: list[int] = []
     if where == "memory":
-        held = list(range(len(sets)))
+        in_memory = list(range(len(sets)))
     elif where == "auto":
         for i in sorted(range(len(sets)), key=sizes.__getitem__):
-            if sum(sizes[j] for j in held) + sizes[i] <= budget_bytes:
-                held.append(i)
-    for i in held:
-        sets[i][0].load(device, sets[i][1])
-    total, in_memory = sum(sizes) / 2**20, sum(sizes[i] for i in held) / 2**20
-    if len(held) == len(sets):
-        return f"memory ({total:.1f} MiB on {device})"
-    if not held:
-        return f"streamed from the store ({total:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)"
-    return (f"{len(held)} of {len(sets)} sets in memory ({in_memory:.1f} MiB on {device}), the others streamed from "
-            f"the store ({total - in_memory:.1f} MiB; in-memory budget {budget_bytes / 2**20:.0f} MiB)")
+            if sum(sizes[j] for j in in_memory) + sizes[i] <= budget_bytes:
+                in_memory.append(i)
+    on_disk = []
+    for i, (feature_set, centres_of) in enumerate(sets):
+        if i in in_memory:
+            feature_set.load(device, centres_of)
+        elif disk is not None and (feature_set.has_disk_copy(disk, centres_of) or disk_has_room(disk, sizes[i])):
+            feature_set.hold_on_disk(disk, centres_of)
+            on_disk.append(i)
+    places = [(in_memory, f"in memory on {device}"), (on_disk, f"in mapped files in {disk}"),
+              ([i for i in range(len(sets)) if i not in in_memory + on_disk], "streamed from the store by workers")]
+    described = [f"{len(held)} of {len(sets)} sets {place} ({sum(sizes[i] for i in held) / 2**20:.1f} MiB)"
+                 for held, place in places if held]
+    budget = f"in-memory budget {budget_bytes / 2**20:.0f} MiB" if where == "auto" else f"--features {where}"
+    return f"{'; '.join(described)}; {budget}"
 
 
 def target_batch_size(source_batch: int, n_source: int, n_target: int) -> int:

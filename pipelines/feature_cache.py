@@ -48,7 +48,7 @@ class FeatureCache:
         self.max_sets = max_sets
         self._stores: dict[str, tuple[tuple, FeatureStore]] = {}
         self._sets: OrderedDict[tuple, FeatureSet | None] = OrderedDict()
-        self._placed_on: dict[int, tuple] = {}   # id(set) -> (device, centres held or None), sets placed here
+        self._placed_on: dict[int, tuple] = {}   # id(set) -> (device or disk directory, centres held or None)
         self.hits = self.misses = 0
 
     def open_store(self, path) -> FeatureStore:
@@ -83,17 +83,19 @@ class FeatureCache:
         return feature_set
 
     def place(self, sets: list[tuple[FeatureSet, int | None]], where: str, device: torch.device,
-              budget_bytes: int) -> str:
-        """``place_features`` for the sets not already in memory on ``device`` holding what this run reads (every
-        step, or the centres of as many segments); the others are shared as they are."""
+              budget_bytes: int, disk: Path | None = None) -> str:
+        """``place_features`` for the sets not already held as this run would hold them (in memory on ``device``,
+        or, streaming, in mapped files in ``disk``) with what it reads (every step, or the centres of as many
+        segments); the others are shared as they are."""
+        homes = (device, disk) if where == "stream" else (device,)
         fresh = [(s, reads) for s, reads in sets
-                 if not (s.in_memory and self._placed_on.get(id(s)) in ((device, None), (device, reads)))]
+                 if not (s.held and self._placed_on.get(id(s)) in [(home, r) for home in homes for r in (None, reads)])]
         shared = len(sets) - len(fresh)
-        placed = place_features(fresh, where, device, budget_bytes) if fresh else f"memory (on {device})"
+        placed = place_features(fresh, where, device, budget_bytes, disk) if fresh else f"held (in {device})"
         for feature_set, reads in fresh:
-            if feature_set.in_memory:
-                self._placed_on[id(feature_set)] = (device, reads)
-        return placed + (f"; {shared} of {len(sets)} sets already in memory from earlier runs of this process"
+            if feature_set.held:
+                self._placed_on[id(feature_set)] = (feature_set.held_in, reads)
+        return placed + (f"; {shared} of {len(sets)} sets already held from earlier runs of this process"
                          if shared else "")
 
 PROCESS_CACHE = FeatureCache()

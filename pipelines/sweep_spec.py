@@ -44,6 +44,7 @@ GROUP_KEYS = ("head", "method", "setting", "label", "preset", "set", "grid", "ra
 # spec `train:` keys -> TrainConfig fields: the trainer options of `vidshift train`
 TRAIN_KEYS = {"segments": "num_segments", "train_sampling": "train_sampling", "features": "features",
               "memory_budget_gb": "memory_budget_gb", "device": "device", "workers": "workers",
+              "feature_cache": "feature_cache",
               "eval_split": "eval_split", "skip_missing": "skip_missing", "stream": "streams", "fusion": "fusion"}
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 HASH_LENGTH = 16
@@ -262,6 +263,9 @@ def _train_options(value, where: str, fail) -> dict:
     if "streams" in converted:
         streams = converted["streams"]
         converted["streams"] = tuple(s.strip() for s in (streams.split(",") if isinstance(streams, str) else streams))
+    if "feature_cache" in converted:    # a directory, or none (null) for no disk copies
+        cache = converted["feature_cache"]
+        converted["feature_cache"] = None if cache is None or str(cache).lower() == "none" else Path(cache)
     return converted
 
 

@@ -52,11 +52,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("vidshift.train")
 SETTINGS = ("dg", "da", "target-only")
 # The TrainConfig fields that change a run's numbers; --resume must repeat them (with the resolved hparams, classes,
-# features and manifest hashes). Paths, --features, --workers, --device and the memory budget may change.
+# features and manifest hashes). Paths, --features, --workers, --device, the memory budget and the feature cache may
+# change.
 RESULT_FIELDS = ("head", "method", "source", "target", "setting", "seed", "num_segments", "train_sampling",
                  "eval_split", "skip_missing", "streams", "fusion")
 FALLBACK_BUDGET_GB = 2.0  # in-memory budget where the OS does not report free memory
 BEFORE_EPOCH_SEED = 7_919_000  # offsets the seed of before_epoch's order from the epoch's batch plans
+
+
+def default_feature_cache() -> Path:
+    """Where streamed features get their disk copies: $VIDSHIFT_FEATURE_CACHE, else the user's cache directory."""
+    if os.environ.get("VIDSHIFT_FEATURE_CACHE"):
+        return Path(os.environ["VIDSHIFT_FEATURE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vidshift" / "features"
 
 
 @dataclass
@@ -77,7 +85,8 @@ class TrainConfig:
     features: str = "auto"                        # auto | memory | stream
     memory_budget_gb: float | None = None         # for "auto"; default: 3/4 of the available (GPU) memory
     device: str = "auto"
-    workers: int = 2                              # DataLoader processes when streaming
+    workers: int = 2                              # DataLoader processes when streaming from the store
+    feature_cache: Path | None = field(default_factory=default_feature_cache)  # streamed sets' disk copies; None: none
     eval_split: str | None = None                 # target split to report; default test, else val
     skip_missing: bool = False
     streams: tuple[str, ...] = ("rgb",)
@@ -196,7 +205,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     hp = model.hparams
     where = (cache.place if cache else place_features)(inputs.steps_read(config.train_sampling, config.num_segments),
                                                        config.features, device,
-                                                       memory_budget(device, config.memory_budget_gb))
+                                                       memory_budget(device, config.memory_budget_gb),
+                                                       config.feature_cache)
     log.info("%s on %s (%d parameters), %s, streams %s, features %s", config.method, config.head,
              sum(p.numel() for p in model.parameters()), config.setting, "+".join(config.streams), where)
     log.info("GRL/lr schedules and all hparams: %s", json.dumps(hp))

@@ -34,6 +34,12 @@ def gradient_frames(num_frames: int, height: int = 32, width: int = 64, seed: in
     return frames
 
 
+@pytest.fixture(autouse=True)
+def feature_cache_of_the_session(tmp_path_factory, monkeypatch):
+    """Disk copies of streamed features go to a folder of the test session, never to the user's cache."""
+    monkeypatch.setenv("VIDSHIFT_FEATURE_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread; two contend badly on a busy 2-core machine."""

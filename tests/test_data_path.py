@@ -1,6 +1,8 @@
 """The read paths of stage two: bulk loading, coalesced step reads, and holding only the steps a run reads."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch
 import extract.store.store as store_module
 from extract.manifest import read_manifest
 from extract.store import BACKENDS, FeatureStore
-from pipelines.data import FeatureSet, centre_steps, place_features
+import pipelines.data as data_module
+from pipelines.data import FeatureSet, centre_steps, disk_has_room, place_features
 from pipelines.runs import select
 from tests.conftest import make_feature_store
 from tests.test_store import provenance, random_maps, write_part
@@ -84,12 +87,76 @@ def test_auto_holds_the_smallest_sets_that_fit_and_streams_the_rest(tmp_path):
     train_set, val_set = (FeatureSet(store, select(read_manifest(manifest), "src", split), "maps", classes)
                           for split in ("train", "val"))
     budget = val_set.nbytes(3)                                         # the evaluation centres, not the training set
-    where = place_features([(train_set, None), (val_set, 3)], "auto", torch.device("cpu"), budget)
-    assert val_set.in_memory and not train_set.in_memory
-    assert where.startswith("1 of 2 sets in memory") and "the others streamed" in where
+    where = place_features([(train_set, None), (val_set, 3)], "auto", torch.device("cpu"), budget, tmp_path / "c")
+    assert val_set.held_in == torch.device("cpu") and train_set.held_in == tmp_path / "c"
+    assert where.startswith("1 of 2 sets in memory on cpu") and "1 of 2 sets in mapped files" in where
     streamed = FeatureSet(store, select(read_manifest(manifest), "src", "val"), "maps", classes)
-    assert place_features([(streamed, 3)], "stream", torch.device("cpu"), budget).startswith("streamed from")
-    assert not streamed.in_memory                                      # --features stream holds nothing, even what fits
+    where = place_features([(streamed, 3)], "stream", torch.device("cpu"), budget)
+    assert where.startswith("1 of 1 sets streamed from the store by workers")
+    assert not streamed.held                                           # --features stream holds nothing, even what fits
+
+
+@pytest.mark.parametrize("sampling", ["random", "centre"])
+def test_a_disk_copy_gives_the_batches_memory_gives_and_is_reused_by_name(tmp_path, sampling):
+    store_dir, manifest = make_feature_store(tmp_path, steps=12)
+    classes = {"a": 0, "b": 1, "c": 2}
+    entries = select(read_manifest(manifest), "src", "train")
+    centres_of = 3 if sampling == "centre" else None
+    in_memory, on_disk = (FeatureSet(FeatureStore.open(store_dir), entries, "maps", classes) for _ in range(2))
+    in_memory.load(torch.device("cpu"), centres_of)
+    on_disk.hold_on_disk(tmp_path / "copies", centres_of)
+    copy = tmp_path / "copies" / f"{on_disk.disk_key('rgb', centres_of)}.npy"
+    assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == [copy.name]     # no temporary file left
+    assert np.load(copy).shape[0] == len(entries) * (3 if centres_of else 12)
+    for plan in on_disk.epoch_plans(3, 4, 3, sampling, torch.Generator().manual_seed(0)):
+        assert torch.equal(on_disk.gather(plan), in_memory.gather(plan))
+
+    # A copy of the store holds the same content: its sets map the same file, written once.
+    shutil.copytree(store_dir, tmp_path / "copied-store")
+    stamp = copy.stat().st_mtime_ns
+    again = FeatureSet(FeatureStore.open(tmp_path / "copied-store"), entries, "maps", classes)
+    assert again.has_disk_copy(tmp_path / "copies", centres_of)
+    again.hold_on_disk(tmp_path / "copies", centres_of)
+    assert copy.stat().st_mtime_ns == stamp
+    plan = again.eval_plans(3, 8)[0]
+    assert torch.equal(again.gather(plan), in_memory.gather(plan))
+    # Other steps held (every step vs the centres) or other videos are another copy.
+    assert again.disk_key("rgb", 5 if centres_of else 3) != again.disk_key("rgb", centres_of)
+    other = FeatureSet(FeatureStore.open(store_dir), entries[1:], "maps", classes)
+    assert other.disk_key("rgb", centres_of) != again.disk_key("rgb", centres_of)
+
+
+def test_a_disk_copy_cut_short_is_written_again_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    store_dir, manifest = make_feature_store(tmp_path, steps=12)
+    entries = select(read_manifest(manifest), "src", "train")
+    features = FeatureSet(FeatureStore.open(store_dir), entries, "maps", {"a": 0, "b": 1, "c": 2})
+    copies = tmp_path / "copies"
+    features.hold_on_disk(copies)
+    copy = copies / f"{features.disk_key('rgb', None)}.npy"
+    whole = copy.read_bytes()
+    copy.write_bytes(whole[:len(whole) // 2])                          # e.g. a disk that filled up under another tool
+    features.hold_on_disk(copies)
+    assert copy.read_bytes() == whole
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    copy.unlink()
+    monkeypatch.setattr(FeatureSet, "_fill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        features.hold_on_disk(copies)
+    assert list(copies.iterdir()) == []
+
+
+def test_streaming_reads_the_store_when_the_disk_has_no_room(tmp_path, monkeypatch):
+    store_dir, manifest = make_feature_store(tmp_path, steps=12)
+    features = FeatureSet(FeatureStore.open(store_dir), select(read_manifest(manifest), "src", "train"), "maps",
+                          {"a": 0, "b": 1, "c": 2})
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(data_module, "DISK_HEADROOM", free)            # nothing more fits
+    assert not disk_has_room(tmp_path / "not" / "made", 1)
+    where = place_features([(features, None)], "stream", torch.device("cpu"), 0, tmp_path / "copies")
+    assert "streamed from the store by workers" in where and not features.held
+    assert not (tmp_path / "copies").exists()
 
 
 def test_a_run_holds_only_the_centres_of_every_set_under_centre_sampling(tmp_path):

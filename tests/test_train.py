@@ -117,12 +117,14 @@ def test_same_seed_same_metrics_and_streaming_equals_memory(feature_store, tmp_p
     first = train(config_for(feature_store, tmp_path / "a"), show_progress=False)
     second = train(config_for(feature_store, tmp_path / "b"), show_progress=False)
     assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
-    streamed = train(config_for(feature_store, tmp_path / "c", features="stream", workers=2), show_progress=False)
+    streamed = train(config_for(feature_store, tmp_path / "c", features="stream", workers=2, feature_cache=None),
+                     show_progress=False)
     assert streamed["epochs"] == first["epochs"] == second["epochs"]
     over_budget = train(config_for(feature_store, tmp_path / "e", features="auto", memory_budget_gb=1e-6,
-                                   workers=0), show_progress=False)
-    assert "features streamed from the store" in (tmp_path / "e" / "train.log").read_text()
-    assert "features memory" in (tmp_path / "a" / "train.log").read_text()
+                                   feature_cache=tmp_path / "copies"), show_progress=False)
+    assert "3 of 3 sets streamed from the store by workers" in (tmp_path / "c" / "train.log").read_text()
+    assert "3 of 3 sets in mapped files" in (tmp_path / "e" / "train.log").read_text()
+    assert "3 of 3 sets in memory on cpu" in (tmp_path / "a" / "train.log").read_text()
     assert over_budget["epochs"] == first["epochs"]
     other_seed = train(config_for(feature_store, tmp_path / "d", seed=1), show_progress=False)
     assert other_seed["epochs"] != first["epochs"]
