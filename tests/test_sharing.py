@@ -240,10 +240,21 @@ def test_train_reads_a_store_over_http(http_root, tmp_path, one_thread):
     FeatureStore.open(make_feature_store(served, per_class=2, steps=3, classes=("a", "b"))[0]).rebuild_index()
     result = invoke("train", "--store", f"{base}/store", "--manifest", str(served / "manifest.csv"), "--head",
                     "tempooling", "--source", "src", "--target", "tgt", "--out", str(tmp_path / "run"),
-                    "--workers", "0", "--set", "epochs=1")
+                    "--workers", "0", "--set", "epochs=1", "--features", "stream",
+                    "--feature-cache", str(tmp_path / "copies"))
     assert result.exit_code == 0, result.output
     record = (tmp_path / "run" / "config.yaml").read_text()
     assert f"path: {base}/store" in record
+    # Streamed: each set read once into a local disk copy, which the epochs index.
+    assert f"3 of 3 sets in mapped files in {tmp_path / 'copies'}" in (tmp_path / "run" / "train.log").read_text()
+    assert len(list((tmp_path / "copies").glob("*.npy"))) == 3
+    from_store = invoke("train", "--store", f"{base}/store", "--manifest", str(served / "manifest.csv"), "--head",
+                        "tempooling", "--source", "src", "--target", "tgt", "--out", str(tmp_path / "run2"),
+                        "--workers", "0", "--set", "epochs=1", "--features", "stream", "--feature-cache", "none")
+    assert from_store.exit_code == 0, from_store.output
+    assert "3 of 3 sets streamed from the store by workers" in (tmp_path / "run2" / "train.log").read_text()
+    assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["epochs"] == \
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"]
 
 
 def test_a_store_in_an_fsspec_memory_filesystem(tmp_path):
