@@ -234,7 +234,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
         record.update(_train_epoch(model, inputs, config, epoch, device, show_progress))
         record.update(_evaluate_epoch(model, inputs, config, device))
         history.append(record)  # no timings in it: metrics.json must be identical between identical runs
-        log.info("epoch %d (%.1fs): %s", epoch + 1, time.perf_counter() - started,
+        log.info("epoch %d (%.2fs): %s", epoch + 1, time.perf_counter() - started,
                  ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if _is_best(history):
             save_atomic({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
