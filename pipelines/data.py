@@ -202,6 +202,7 @@ class FeatureSet(PlannedVideos):
             path = directory / f"{self.disk_key(stream, centres_of)}.npy"
             features = _mapped(path, shape, sample.dtype)
             if features is None:
+                _remove_abandoned_copies(directory, path.name)
                 partial = directory / f".tmp-{os.getpid()}-{path.name}"
                 try:
                     written = np.lib.format.open_memmap(partial, mode="w+", dtype=sample.dtype, shape=shape)
@@ -294,6 +295,19 @@ def _mapped(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray |
     except (OSError, ValueError):
         return None
     return array if array.shape == shape and array.dtype == dtype else None
+
+
+def _remove_abandoned_copies(directory: Path, name: str) -> None:
+    """Delete the partial copies named ``name`` that killed processes left (``.tmp-<pid>-<name>``); a copy being
+    written by a live process is left alone."""
+    for partial in directory.glob(f".tmp-*-{name}"):
+        pid = int(partial.name.split("-")[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except PermissionError:     # alive, another user's
+            pass
 
 
 def disk_has_room(directory: Path, nbytes: int) -> bool:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,7 +128,7 @@ def test_a_disk_copy_gives_the_batches_memory_gives_and_is_reused_by_name(tmp_pa
     assert other.disk_key("rgb", centres_of) != again.disk_key("rgb", centres_of)
 
 
-def test_a_disk_copy_cut_short_is_written_again_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+def test_a_disk_copy_cut_short_is_written_again_and_a_killed_or_failed_write_leaves_nothing(tmp_path, monkeypatch):
     store_dir, manifest = make_feature_store(tmp_path, steps=12)
     entries = select(read_manifest(manifest), "src", "train")
     features = FeatureSet(FeatureStore.open(store_dir), entries, "maps", {"a": 0, "b": 1, "c": 2})
@@ -141,6 +143,10 @@ def test_a_disk_copy_cut_short_is_written_again_and_a_failed_write_leaves_nothin
     def interrupted(*args):
         raise KeyboardInterrupt
     copy.unlink()
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()                                                      # a pid no process has any more
+    abandoned = copies / f".tmp-{killed.pid}-{copy.name}"
+    abandoned.write_bytes(whole[:100])                                 # what a run killed mid-copy leaves
     monkeypatch.setattr(FeatureSet, "_fill", interrupted)
     with pytest.raises(KeyboardInterrupt):
         features.hold_on_disk(copies)
