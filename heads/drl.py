@@ -173,7 +173,9 @@ def fit_spatial_model(summaries: Inputs, targets: Tensor, num_classes: int, hidd
         torch.manual_seed(seed)
         model = SpatialModel(channels, num_classes, hidden)
     model.fit_standardisation(summaries)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # foreach: one multi-tensor update instead of a loop over the parameters (PyTorch's default on CUDA only);
+    # bitwise the same numbers in our checks, half the time of a CPU fit, which every run pays after training
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     soft = targets.dim() == 2
     for _ in range(steps):
         optimizer.zero_grad()

@@ -146,10 +146,6 @@ class FeatureSet(PlannedVideos):
     def __len__(self) -> int:
         return len(self.video_ids)
 
-    def __getstate__(self) -> dict:
-        # A DataLoader worker started by spawn gets a copy without the loaders (and their worker processes).
-        return {**self.__dict__, "idle_loaders": {}}
-
     def held_steps(self, video: int, centres_of: int | None) -> np.ndarray:
         """The steps of a video held in memory: every one, or the centres of ``centres_of`` segments."""
         if centres_of is None:
@@ -270,6 +266,24 @@ class FeatureSet(PlannedVideos):
         return combine_streams(per_stream, self.fusion)
 
     def read(self, video: int, steps: np.ndarray) -> Inputs:
+        return _StoredStreams.of(self).read(video, steps)
+
+
+@dataclass(frozen=True)
+class _StoredStreams:
+    """What reading a FeatureSet's videos from its store takes, without the set itself."""
+
+    store: FeatureStore
+    records: dict[str, list]
+    array: str
+    streams: tuple[str, ...]
+    fusion: str
+
+    @classmethod
+    def of(cls, features: FeatureSet) -> _StoredStreams:
+        return cls(features.store, features.records, features.array, features.streams, features.fusion)
+
+    def read(self, video: int, steps: np.ndarray) -> Inputs:
         return combine_streams({stream: torch.from_numpy(self.store.read_record(self.records[stream][video],
                                                                                 self.array, steps)).float()
                                 for stream in self.streams}, self.fusion)
@@ -317,15 +331,22 @@ def disk_has_room(directory: Path, nbytes: int) -> bool:
 
 
 class _PlanDataset(Dataset):
-    """Reads the features of the BatchPlan it is given as its index (in DataLoader workers)."""
+    """Reads the features of the BatchPlan it is given as its index (in DataLoader workers).
+
+    It holds the set's store and records, not the set: the set holds its idle loaders (and so this dataset), and
+    that reference cycle would leave their shutdown to the garbage collector, which may close the loader's
+    queues before the loader tells its workers to stop; each worker then sat out DataLoader's 5 s join timeout
+    (10 s per discarded set with the default 2 workers, once per DG run's target train split). Without the
+    cycle, dropping the set shuts its workers down at once. Workers started by spawn pickle only this, too.
+    """
 
     def __init__(self, features: FeatureSet) -> None:
-        self.features = features
+        self.stored = _StoredStreams.of(features)
 
     def __getitem__(self, plan: BatchPlan) -> Inputs:
         if not len(plan.videos):    # a batch of added examples only (ADA)
             return {}
-        videos = [self.features.read(v, s) for v, s in zip(plan.videos, plan.steps)]
+        videos = [self.stored.read(v, s) for v, s in zip(plan.videos, plan.steps)]
         return map_inputs(lambda *per_video: torch.stack(per_video), *videos)
 
 

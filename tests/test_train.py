@@ -215,9 +215,10 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(feature_store, tmp_pat
     arguments = ["--store", str(store), "--manifest", str(manifest), "--head", "trn", "--source", "src",
                  "--target", "tgt", "--setting", "da", "--features", "memory"]
     arguments += [item for name, value in hparams.items() for item in ("--set", f"{name}={value}")]
-    command = [sys.executable, "-m", "pipelines.cli", "train", *arguments, "--out", str(tmp_path / "killed")]
+    arguments += ["--out", str(tmp_path / "killed")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", *arguments], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -229,8 +230,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(feature_store, tmp_pat
     process.wait()
     done = json.loads(metrics.read_text())["final"]["epochs_run"]
     assert 2 <= done < 40
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(main, ["train", *arguments, "--resume"])  # here: only the kill needs a process
+    assert resumed.exit_code == 0, resumed.output
     uninterrupted = train(config_for(feature_store, tmp_path / "whole", setting="da", features="memory",
                                      hparams=hparams), show_progress=False)
     assert json.loads(metrics.read_text())["epochs"] == uninterrupted["epochs"]
