@@ -12,7 +12,8 @@ when absent), a local state-dict file, or a seeded random init (`"none"`); see `
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
+import copy
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -21,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torch import nn
-from torch.fx.experimental import optimization as fx_optimization
+from torch import fx, nn
 from torchvision import models
 from torchvision.transforms.v2 import functional as TF
 
@@ -77,20 +77,29 @@ class Backbone:
         self.preprocess = preprocess
         self.device = device
         self.precision = precision
-        # ``model`` keeps its parameter names (what a weights file holds); inference runs a copy in which each
-        # batch norm is folded into the convolution before it (torch.fx's `fuse`: one pass less over every
-        # activation), NHWC, the layout cuDNN's and oneDNN's fastest kernels use: together 1.29x on ResNet-50,
-        # one CPU thread, batch 8 (benchmarks/README.md). The values move by float rounding only (5e-5 on maps
-        # peaking at 112).
+        # ``model`` keeps its parameter names (what a weights file holds), NHWC, the layout cuDNN's and oneDNN's
+        # fastest kernels use. Inference runs ``network``: until ``fold_batchnorm`` (which build_backbone calls)
+        # the model itself, after it the model with each batch norm folded into the convolution before it.
         self.channels_last = True
         self._memory_format = self.MEMORY_FORMAT
-        self.model = model.eval().to(device, memory_format=self._memory_format)
-        self.network, self.fused_batchnorm = _fold_batchnorm(self.model)
-        # One probe forward gives the exact map size for this crop, whatever the architecture's padding does.
+        self.model: nn.Module | None = model.eval().to(device, memory_format=self._memory_format)
+        self.network, self.fused_batchnorm = self.model, False
+        # One probe forward gives the exact map size for this crop, whatever the architecture's padding does
+        # (folding the batch norms changes no shape).
         with torch.inference_mode():
             probe = self._network(self._probe_input())
         _, self.out_channels, height, width = probe.shape
         self._map_shape = (height, width, self.out_channels)
+
+    def fold_batchnorm(self, keep_model: bool = True) -> None:
+        """Fold each batch norm into the convolution before it: one pass less over every activation, and with NHWC
+        1.29x on ResNet-50, one CPU thread, batch 8 (benchmarks/README.md). The values move by float rounding only
+        (5e-5 on maps peaking at 112). ``keep_model``: fold a copy, so that ``model`` stays trainable; otherwise
+        fold the model's own weights and drop ``model``, so the weights are held once, not twice (ResNet-50:
+        94 MB), which is what extraction wants (it never trains)."""
+        self.network, self.fused_batchnorm = _fold_batchnorm(self.model, in_place=not keep_model)
+        if not keep_model:
+            self.model = None  # its convolutions now hold folded weights, its batch norms would apply twice
 
     def compile(self) -> None:
         """``torch.compile`` the network (``vidshift extract --compile``): kernels fused for this device, paid for
@@ -192,13 +201,53 @@ class StepBatch:
     padded: int
 
 
-def _fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
-    """A copy of the eval-mode model with every conv -> batch-norm pair folded into one conv, and whether it could
-    be done (a model torch.fx cannot trace, e.g. one with shape-dependent Python control flow, runs as it is)."""
+_CONV_BATCHNORM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+def _fold_batchnorm(model: nn.Module, in_place: bool = False) -> tuple[nn.Module, bool]:
+    """The eval-mode model with every conv -> batch-norm pair folded into one conv, and whether it could be done (a
+    model torch.fx cannot trace, e.g. one with shape-dependent Python control flow, runs as it is).
+
+    The pairs and the arithmetic are those of torch.fx's ``fuse`` (``fuse_conv_bn_weights``), bit for bit, but the
+    weights are scaled where they are instead of into new tensors: ``fuse`` deep-copies the model and then every
+    convolution again, three copies of the weights in all, whose freed blocks the allocator keeps (~110 MB of
+    resident memory for ResNet-50). ``in_place`` folds ``model``'s own convolutions, which then no longer match
+    its batch norms (the caller drops it); otherwise a copy is folded.
+    """
     try:
-        return fx_optimization.fuse(model), True
+        traced = fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - tracing fails in many ways (TraceError, TypeError of math on proxies, ...)
         return model, False
+    if not in_place:
+        traced = copy.deepcopy(traced)
+    modules = dict(traced.named_modules())
+    calls = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
+    for node in list(traced.graph.nodes):
+        conv_node = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module" and len(conv_node.users) == 1
+                and calls[conv_node.target] == 1):  # a convolution whose output only this node reads, called once
+            continue
+        conv, batchnorm = modules[conv_node.target], modules[node.target]
+        if _CONV_BATCHNORM.get(type(conv)) is type(batchnorm) and batchnorm.track_running_stats:
+            _fold_into(conv, batchnorm)
+            node.replace_all_uses_with(conv_node)
+            traced.graph.erase_node(node)
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced, True
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Module, batchnorm: nn.Module) -> None:
+    """w' = w * gamma / sqrt(var + eps), b' = (b - mean) / sqrt(var + eps) * gamma + beta, in fuse_conv_bn_weights'
+    order of operations (so the same floats), w' written over w."""
+    zeros = torch.zeros_like(batchnorm.running_mean)
+    gamma = batchnorm.weight if batchnorm.weight is not None else torch.ones_like(zeros)
+    beta = batchnorm.bias if batchnorm.bias is not None else zeros
+    bias = conv.bias if conv.bias is not None else zeros
+    rsqrt = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
+    conv.weight.mul_((gamma * rsqrt).reshape([-1, 1] + [1] * (conv.weight.dim() - 2)))
+    conv.bias = nn.Parameter((bias - batchnorm.running_mean) * rsqrt * gamma + beta, bias.requires_grad)
 
 
 # A factory builds one backbone: factory(weights=, preprocess=, device=torch.device, precision=, seed=,
@@ -232,7 +281,7 @@ def available_backbones() -> list[str]:
 def build_backbone(name: str, weights: str = "imagenet", preprocess: Preprocess = Preprocess(),
                    device: str = "auto", precision: str = "auto", seed: int = 0, clip_length: int | None = None,
                    clip_stride: int | None = None, flow: str | None = None,
-                   flow_weights: str = "default") -> Backbone:
+                   flow_weights: str = "default", keep_model: bool = True) -> Backbone:
     """Build a registered backbone.
 
     weights: "imagenet" (torchvision's default ImageNet weights), "none" (random init from `seed`, identical
@@ -242,13 +291,17 @@ def build_backbone(name: str, weights: str = "imagenet", preprocess: Preprocess 
     clip_length, clip_stride: frames per time step and hop for clip backbones (default: the backbone's own).
     flow: None (RGB input) or an optical-flow method of `extract.flow.FLOW_METHODS`, computed from the frames and
     fed to the network instead of them; flow_weights: that method's weights ("default", "none" or a path).
+    keep_model: keep the trainable ``model`` beside the inference ``network``, or (False) fold the batch norms into
+    its own weights and drop it: the weights are then held once (``Backbone.fold_batchnorm``).
     """
     if name not in _registry():
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     resolved_device = _resolve_device(device)
-    return _FACTORIES[name](weights=weights, preprocess=preprocess, device=resolved_device,
-                            precision=_resolve_precision(precision, resolved_device), seed=seed,
-                            clip_length=clip_length, clip_stride=clip_stride, flow=flow, flow_weights=flow_weights)
+    backbone = _FACTORIES[name](weights=weights, preprocess=preprocess, device=resolved_device,
+                                precision=_resolve_precision(precision, resolved_device), seed=seed,
+                                clip_length=clip_length, clip_stride=clip_stride, flow=flow, flow_weights=flow_weights)
+    backbone.fold_batchnorm(keep_model)
+    return backbone
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -328,6 +381,7 @@ def _build_resnet(name: str, weights: str, preprocess: Preprocess, device: torch
     state_dict = resnet_weights(name, weights)
     if state_dict is not None:
         load_weights(model, state_dict, f"torchvision's {name}", resnet_identity(name, weights, seed))
+        del state_dict  # freed before the Backbone converts the weights to NHWC: else three copies at once
     return Backbone(name, "layer4", cut_after(model, "layer4"), frames_per_step=1,
                     weights=resnet_identity(name, weights, seed), preprocess=preprocess, device=device,
                     precision=precision)

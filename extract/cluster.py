@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import yaml
-from distributed import WorkerPlugin
 
 LAUNCHERS = ("local", "dask")
 
@@ -126,23 +125,15 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-class OneGpuEach(WorkerPlugin):
-    """Worker ``name`` (a local cluster numbers its workers 0..N-1) sees GPU ``name % gpus`` only."""
-
-    def __init__(self, gpus: int) -> None:
-        self.gpus = gpus
-
-    def setup(self, worker) -> None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.gpus)
-
-
 @contextmanager
 def dask_executor(text: str, workers: int, echo: Callable[[str], None] = print,
                   one_gpu_each: bool = False) -> Iterator[Executor]:
     """An executor on the dask cluster ``text`` (``parse_cluster``); local and SLURM clusters are closed after.
     ``one_gpu_each``: a local cluster's workers get one GPU each (``OneGpuEach``), when there are GPUs."""
-    import dask
+    import dask                                  # imported here: only a run on a dask cluster needs them
     from distributed import Client, LocalCluster
+
+    from .cluster_plugins import OneGpuEach
 
     address = parse_cluster(text)
     cluster = None

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
-import av
 import decord
 import numpy as np
 import PIL
@@ -98,6 +97,8 @@ def _decord_reason(error: Exception) -> str:
 
 def _explain_decord_width_bug(path: Path, reason: str) -> str:
     """decord's size-check message, plus what it means when the video has one of the widths decord misreads."""
+    import av  # here, not at the top: PyAV's FFmpeg libraries cost ~16 MB of memory, needed only for this message
+
     try:  # decord does not expose the frame size without decoding; the container header has it
         with av.open(str(path)) as container:
             width = container.streams.video[0].codec_context.width

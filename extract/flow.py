@@ -22,7 +22,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -85,10 +84,14 @@ class TvL1Flow:
     min_side = 1
 
     def __init__(self, device: torch.device):
+        import cv2  # here, not at the top: OpenCV costs ~17 MB of memory, which a run without TV-L1 need not pay
+
         self.device = device
         self._tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()  # OpenCV's defaults, the I3D/TSN setting
 
     def __call__(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        import cv2  # already loaded by __init__: a dictionary lookup
+
         def grey(frames: torch.Tensor) -> list[np.ndarray]:
             rgb = frames.permute(0, 2, 3, 1).cpu().numpy()
             return [cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY) for frame in rgb]

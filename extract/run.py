@@ -46,7 +46,7 @@ from .store.summary import human_bytes
 
 STORE_DTYPES = ("float16", "float32")
 GPU_BATCH, GPU_DECODERS, GPU_WRITERS = 64, 2, 4  # defaults of --batch-size, --workers and --writer-threads
-CPU_BATCH, CPU_DECODERS, CPU_WRITERS = 8, 1, 1   # per device (device_defaults)
+CPU_BATCH, CPU_DECODERS, CPU_WRITERS = 4, 1, 1   # per device (device_defaults)
 FLOW_STREAM = "flow"
 
 
@@ -180,8 +180,10 @@ def device_defaults(config: ExtractConfig, device: torch.device) -> tuple[int, i
     fed by two decoders and a store that compresses in several threads (benchmarks/README.md: one thread writes
     ~460 zarr / ~830 HDF5 steps/s of 7x7x2048 maps, far below a GPU's frames/s); a CPU computes a frame at a time
     anyway, and a batch of 64 ResNet-50 inputs makes activations of 50-200 MB that the allocator maps and unmaps
-    on every call (5.4 M page faults and a third of the CPU time in the kernel for 128 frames; batch 8: 1.0 M),
-    while one decoder and one writer keep up with its network easily and leave the cores to it."""
+    on every call (5.4 M page faults and a third of the CPU time in the kernel for 128 frames; batch 8: 1.0 M).
+    Batch 4 runs as fast as 8 on one core and holds ~50 MB less (benchmarks/README.md, peers.py), which keeps the
+    whole process within video_features' peak RSS; one decoder and one writer keep up with its network easily and
+    leave the cores to it."""
     on_gpu = device.type == "cuda"
     return (config.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH),
             config.workers or (GPU_DECODERS if on_gpu else CPU_DECODERS),
@@ -212,7 +214,7 @@ def prepare_backbone(config: ExtractConfig) -> tuple[ExtractConfig, Backbone]:
     resize = config.resize or round(config.frame_size * 256 / 224)
     backbone = build_backbone(config.backbone, config.weights, Preprocess(config.frame_size, resize),
                               config.device, config.precision, config.seed, config.clip_length, config.clip_stride,
-                              config.flow, config.flow_weights)
+                              config.flow, config.flow_weights, keep_model=False)  # extraction never trains
     if config.compile:
         backbone.compile()
     batch_size, workers, writer_threads = device_defaults(config, backbone.device)

@@ -20,7 +20,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
 
@@ -276,6 +275,8 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.nda
 
 def write_video(path: Path, frames: np.ndarray, fps: int, container: str) -> None:
     """Encode uint8 RGB frames [T, H, W, 3] as .mp4 (libx264) or .avi (mpeg4), reproducibly."""
+    import av  # here, not at the top: the CLI imports this module, and PyAV's FFmpeg libraries cost ~16 MB
+
     codec = {"mp4": "libx264", "avi": "mpeg4"}[container]
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as output:

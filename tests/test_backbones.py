@@ -336,3 +336,28 @@ def test_batch_norm_is_folded_into_its_convolution_and_untraceable_models_run_as
 
     model = DataDependent()
     assert _fold_batchnorm(model) == (model, False)
+
+
+def test_folding_matches_torch_fx_fuse_bit_for_bit_and_in_place_keeps_one_copy_of_the_weights(one_thread):
+    from torch.fx.experimental.optimization import fuse
+    from extract.backbones import _fold_batchnorm
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 1, bias=False), torch.nn.BatchNorm2d(2)).eval()
+    for bn in (net[1], net[4]):   # statistics and affine parameters far from the identity
+        for values, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2), (bn.weight.data, 0.5, 2),
+                                  (bn.bias.data, -1, 1)):
+            values.uniform_(low, high)
+    reference, copied = fuse(net), _fold_batchnorm(net)[0]
+    expected = {name: value.clone() for name, value in reference.named_parameters()}
+    assert {name: value for name, value in copied.named_parameters()}.keys() == expected.keys()
+    assert all(torch.equal(value, expected[name]) for name, value in copied.named_parameters())
+    weight = net[0].weight
+    folded, done = _fold_batchnorm(net, in_place=True)
+    assert done and folded.get_submodule("0").weight is weight   # scaled where it is: no second copy
+    assert all(torch.equal(value, expected[name]) for name, value in folded.named_parameters())
+    backbone = tiny_backbone(keep_model=False)                     # what extraction builds
+    assert backbone.model is None and backbone.fused_batchnorm
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.network.modules())
+    torch.testing.assert_close(backbone(gradient_frames(2, 40, 56)), tiny_backbone()(gradient_frames(2, 40, 56)),
+                               rtol=0, atol=0)

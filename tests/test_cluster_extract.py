@@ -13,7 +13,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 from conftest import gradient_frames, write_video
-from extract.cluster import OneGpuEach, slurm_cluster
+from extract.cluster import slurm_cluster
+from extract.cluster_plugins import OneGpuEach
 from extract.cluster_run import plan_tasks
 from extract.manifest import read_manifest
 from extract.run import ExtractConfig, run_extract

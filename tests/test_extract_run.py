@@ -317,7 +317,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, backend):
 def test_batch_and_decoders_default_per_device_and_explicit_values_win():
     from extract.run import ExtractConfig, device_defaults
     config = ExtractConfig(manifest=Path("m.csv"), root=Path("."), out=Path("s"))
-    assert device_defaults(config, torch.device("cpu")) == (8, 1, 1)
+    assert device_defaults(config, torch.device("cpu")) == (4, 1, 1)
     assert device_defaults(config, torch.device("cuda")) == (64, 2, 4)
     assert device_defaults(replace(config, batch_size=3, workers=4, writer_threads=2), torch.device("cpu")) == (3, 4, 2)
 
