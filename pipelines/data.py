@@ -157,7 +157,7 @@ class FeatureSet(PlannedVideos):
         the segment centres (``centres_of`` segments) when the run reads nothing else."""
         total = 0
         for stream in self.streams:
-            row = self.store.read_record(self.records[stream][0], self.array, steps=[0])
+            row = self._sample_row(stream)
             steps = (self.stream_steps[stream].sum() if centres_of is None else
                      sum(len(self.held_steps(v, centres_of)) for v in range(len(self))))
             total += int(steps) * row[0].nbytes
@@ -195,7 +195,7 @@ class FeatureSet(PlannedVideos):
             layout = self._layout(stream, centres_of)
             sample = self._sample_row(stream)
             shape = (layout.n_rows, *sample.shape[1:])
-            path = directory / f"{self.disk_key(stream, centres_of)}.npy"
+            path = self._disk_path(directory, stream, centres_of)
             features = _mapped(path, shape, sample.dtype)
             if features is None:
                 _remove_abandoned_copies(directory, path.name)
@@ -223,7 +223,10 @@ class FeatureSet(PlannedVideos):
 
     def has_disk_copy(self, directory: Path, centres_of: int | None = None) -> bool:
         """Whether ``directory`` holds a disk copy of every stream (of what ``centres_of`` says is read)."""
-        return all((directory / f"{self.disk_key(stream, centres_of)}.npy").is_file() for stream in self.streams)
+        return all(self._disk_path(directory, stream, centres_of).is_file() for stream in self.streams)
+
+    def _disk_path(self, directory: Path, stream: str, centres_of: int | None) -> Path:
+        return directory / f"{self.disk_key(stream, centres_of)}.npy"
 
     def _layout(self, stream: str, centres_of: int | None) -> "_Layout":
         offsets = np.concatenate([[0], np.cumsum(self.stream_steps[stream])[:-1]])
