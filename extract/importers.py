@@ -18,8 +18,8 @@ import json
 import multiprocessing
 import os
 import re
-from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Sequence
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbones import safe_load
 from .manifest import VideoEntry
 from .provenance import software_versions
 from .store import FeatureStore, FeatureValueError, PartSequence, PartWriter, StoreError
+from .weights import safe_load
 
 IMPORT_TAG = "import"
 VIDEOS_PER_PART = 256
-DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 1))  # loaders: file reads and unzipping wait, so more than cores
-PROCESS_POOL_MIN_VIDEOS = 64  # below this, starting loader processes (~2 s: each imports torch) costs more than it saves
+DEFAULT_JOBS = min(8, os.cpu_count() or 1)  # worker processes: loading TA3N's frame files is CPU-bound
+PROCESS_POOL_MIN_VIDEOS = 16  # below this, forking and joining the workers (~0.05 s) costs more than it saves
 T7_NAME = re.compile(r"^img_(\d+)\.t7$")
 EXPORT_FORMATS = ("npy", "hdf5")
 
@@ -74,10 +74,11 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
     """Write ``sources`` into the store ``out``; resumes (skips videos already there) like extraction.
 
     ``features`` is the stream's provenance and must hold ``channels``; a video whose loader fails is recorded
-    as a failure in the store and never stops the import. ``jobs`` threads run the loaders ahead of the writer,
-    or with ``processes`` up to ``jobs`` worker processes, one per core at most (torch.load of a TA3N frame file
-    holds the GIL for most of its ~1 ms, so threads gained only 1.2x on 2 cores); videos are written in order,
-    so the store is the same for any ``jobs``.
+    as a failure in the store and never stops the import. With ``processes`` (loaders that read files), up to
+    ``jobs`` worker processes, one per core at most, each load and write whole parts of their own: nothing but a
+    progress count crosses between processes, and no thread of a worker waits on another's GIL (loader threads
+    beside zarr's event loop made every shard write 5x slower). The videos are cut into parts in list order, so
+    the store holds the same videos, bytes and order for any ``jobs``; only where parts begin depends on it.
     """
     features = {**features, "map_shape": None, "stream": stream}
     provenance = {"features": features, "software": software_versions()}
@@ -86,45 +87,106 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
         present = store.videos(stream)
         todo = [source for source in sources if source.entry.video_id not in present]
         summary.skipped = len(sources) - len(todo)
-
-        def new_part() -> PartWriter:
-            return store.new_part(IMPORT_TAG, stream, "float32", features["channels"],
-                                  {**part_info, "software": provenance["software"]})
-
-        with PartSequence(new_part, VIDEOS_PER_PART) as parts:
-            for source, loaded in tqdm(_loaded_in_order(todo, jobs, processes), total=len(todo), unit="video",
-                                       desc="import", disable=None):
-                _import_one(source.entry, loaded, parts.current(), features["channels"], summary)
-                parts.video_done()
+        workers = min(jobs, os.cpu_count() or 1) if processes and len(todo) >= PROCESS_POOL_MIN_VIDEOS else 1
+        chunks = _part_chunks(todo, workers)
+        tasks = [PartTask(Path(out), store.next_part_name(IMPORT_TAG, ahead=i), stream, features["channels"],
+                          {**part_info, "software": provenance["software"]}, chunk) for i, chunk in enumerate(chunks)]
+        summary.failures = _write_parts(tasks, workers)
+        summary.imported = len(todo) - len(summary.failures)
         store.rebuild_index()
     return summary
 
 
-def _loaded_in_order(sources: Sequence[PooledSource], jobs: int,
-                     processes: bool) -> Iterator[tuple[PooledSource, Future]]:
-    """(source, the future of its loader's result), in order, with at most 2 x ``jobs`` videos loaded ahead."""
-    with _loader_pool(jobs, processes and len(sources) >= PROCESS_POOL_MIN_VIDEOS) as pool:
-        ahead: deque[tuple[PooledSource, Future]] = deque()
-        for source in sources:
-            ahead.append((source, pool.submit(source.load)))
-            if len(ahead) > 2 * jobs:
-                yield ahead.popleft()
-        while ahead:
-            yield ahead.popleft()
+def _part_chunks(sources: Sequence[PooledSource], workers: int) -> list[Sequence[PooledSource]]:
+    """Consecutive runs of at most VIDEOS_PER_PART videos, of equal sizes, as many as a multiple of ``workers``
+    (so no worker is left with a short last part while another still writes a long one)."""
+    count = -(-len(sources) // VIDEOS_PER_PART)
+    count = -(-count // workers) * workers
+    bounds = [round(i * len(sources) / count) for i in range(count + 1)] if sources else [0]
+    return [sources[start:stop] for start, stop in zip(bounds, bounds[1:]) if stop > start]
 
 
-def _loader_pool(jobs: int, processes: bool) -> Executor:
-    workers = min(jobs, os.cpu_count() or 1)
-    if processes and workers > 1:
-        # spawn, not fork: this process has threads (zarr's event loop, tqdm's monitor) that a fork would copy
-        # mid-operation.
-        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    return ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="import-load")
+@dataclass(frozen=True)
+class PartTask:
+    """One part of an import: written by one process under a name the parent chose."""
+
+    store: Path
+    part_name: str
+    stream: str
+    channels: int
+    part_info: dict
+    sources: Sequence[PooledSource]
 
 
-def _import_one(entry: VideoEntry, loaded: Future, part: PartWriter, channels: int, summary: ImportSummary) -> None:
+def _write_parts(tasks: list[PartTask], workers: int) -> list[dict]:
+    """Every part's failures, in order, written here (one worker) or by ``workers`` forked processes, with a
+    progress bar of videos done. A worker's error (a full disk, a killed process) stops the import: the parts
+    already committed stay, and the next run resumes after them."""
+    total = sum(len(task.sources) for task in tasks)
+    if workers == 1:
+        with tqdm(total=total, unit="video", desc="import", disable=None) as bar:
+            return [failure for task in tasks for failure in write_part(task, bar.update)]
+    # fork, not spawn: a spawned worker re-imports the command's main module (the whole CLI, ~3 s of CPU each),
+    # a forked one starts at once with torch, zarr and h5py loaded. zarr resets its event loop in a forked child
+    # (zarr.core.sync's at-fork hook) and each worker opens the store afresh; the workers are forked before the
+    # progress bar starts its monitor thread.
+    context = multiprocessing.get_context("fork")
+    done = context.SimpleQueue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_report_videos_to, initargs=(done,)) as pool:
+        futures = [pool.submit(write_part, task, _video_done) for task in tasks]
+        pending = set(futures)
+        with tqdm(total=total, unit="video", desc="import", disable=None) as bar:
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                    while not done.empty():
+                        bar.update(done.get())
+                    for future in finished:
+                        future.result()  # a worker's error, raised here
+            except BrokenProcessPool:
+                raise StoreError(f"{tasks[0].store}: an import worker process died (killed, or out of memory); the "
+                                 f"parts it committed before are kept: run the same command again to import the "
+                                 f"rest") from None
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # parts not yet begun are not begun
+                raise
+    return [failure for future in futures for failure in future.result()]
+
+
+_videos_done = None  # in a worker process: the parent's queue of finished-video counts
+
+
+def _report_videos_to(queue) -> None:
+    global _videos_done
+    _videos_done = queue
+
+
+def _video_done() -> None:
+    _videos_done.put(1)
+
+
+def write_part(task: PartTask, video_done: Callable[[], None]) -> list[dict]:
+    """Load and write ``task``'s videos into one new part and commit it; returns the recorded failures."""
+    failures = []
+    with FeatureStore.open(task.store) as store:
+        def new_part() -> PartWriter:
+            return store.new_part(IMPORT_TAG, task.stream, "float32", task.channels, task.part_info,
+                                  name=task.part_name)
+
+        with PartSequence(new_part, VIDEOS_PER_PART) as parts:  # one part: a task holds at most that many videos
+            for source in task.sources:
+                failure = _import_one(source, parts.current(), task.channels)
+                failures += [failure] if failure else []
+                parts.video_done()
+                video_done()
+    return failures
+
+
+def _import_one(source: PooledSource, part: PartWriter, channels: int) -> dict | None:
+    """Load and write one video; a failure is recorded in the part and returned."""
+    entry = source.entry
     try:
-        steps, pooled = loaded.result()
+        steps, pooled = source.load()
         if pooled.ndim != 2 or pooled.shape[1] != channels or not len(pooled):
             raise ValueError(f"features are shaped {list(pooled.shape)}, expected [steps > 0, {channels}] like "
                              f"the rest of this stream")
@@ -135,9 +197,8 @@ def _import_one(entry: VideoEntry, loaded: Future, part: PartWriter, channels: i
         video.finish(imported_steps=len(pooled))
     except (ValueError, OSError, RuntimeError, FeatureValueError) as error:
         part.record_failure(entry.video_id, entry.path, "import", str(error))
-        summary.failures.append({"video_id": entry.video_id, "path": entry.path, "reason": str(error)})
-        return
-    summary.imported += 1
+        return {"video_id": entry.video_id, "path": entry.path, "reason": str(error)}
+    return None
 
 
 # ---- TA3N: one .t7 tensor per frame ------------------------------------------------------------------------

@@ -13,11 +13,14 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum
+
+if TYPE_CHECKING:  # torchvision costs ~1 s to import (torch._dynamo), which `store import`'s workers never need
+    from torchvision.models import WeightsEnum
 
 OFFLINE_ENV = "VIDSHIFT_OFFLINE"
 DOWNLOAD_TIMEOUT_S = 30  # per connect/read; a slow download still finishes, a black-holed one fails

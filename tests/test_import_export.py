@@ -2,8 +2,11 @@
 import base64
 import csv
 import json
+import os
 import pickle
+import signal
 import zlib
+from functools import partial
 
 import h5py
 import numpy as np
@@ -15,7 +18,7 @@ from click.testing import CliRunner
 from data_manifests.pickles import PickleRefused
 from extract import importers
 from extract.importers import segment_steps
-from extract.manifest import read_manifest
+from extract.manifest import VideoEntry, read_manifest
 from extract.store import FeatureStore, StoreError
 from pipelines.cli import main
 from pipelines.cli_data import export, import_
@@ -123,6 +126,57 @@ def test_parallel_import_writes_the_same_store_as_one_loader(ta3n_release, tmp_p
                 ["ucf/v_Archery_g08_c01", "ucf/v_Fencing_g01_c02", "hmdb/Sword_fencing_f_cm_np1_le_bad_1"]
     assert identities[0] == identities[1] and failures[0] == failures[1] == \
         ["hmdb/bad_dict", "hmdb/bad_object", "hmdb/bad_parameter"]
+    with FeatureStore.open(tmp_path / "store1") as one, FeatureStore.open(tmp_path / "store4") as parallel:
+        assert len(one.part_names()) == 1 and len(parallel.part_names()) == min(4, os.cpu_count())  # one per worker
+
+
+@pytest.mark.parametrize("count, workers, sizes", [
+    (803, 2, [201, 201, 200, 201]),    # 4 parts of <= 256 videos, a multiple of the 2 workers
+    (803, 1, [201, 201, 200, 201]),
+    (1024, 1, [256] * 4), (1025, 2, [171, 171, 170, 171, 171, 171]), (3, 2, [2, 1]), (0, 2, [])])
+def test_videos_are_cut_into_equal_consecutive_parts_for_the_workers(count, workers, sizes):
+    chunks = importers._part_chunks(list(range(count)), workers)
+    assert [len(chunk) for chunk in chunks] == sizes
+    assert [video for chunk in chunks for video in chunk] == list(range(count))  # list order, nothing twice
+
+
+def load_or_kill_the_worker(folder, kill: bool):
+    """A TA3N loader that, for one video, kills its own process outright (as the OOM killer would)."""
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return importers.load_t7_video(folder)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the loader would run (and kill) this process")
+def test_a_killed_import_worker_stops_the_import_keeps_committed_parts_and_the_rerun_completes(tmp_path, monkeypatch):
+    monkeypatch.setattr(importers, "PROCESS_POOL_MIN_VIDEOS", 0)  # worker processes even for these few videos
+    release, folders = tmp_path / "release", []
+    for i in range(12):
+        folders.append(release / f"v{i:02d}")
+        write_t7_video(folders[-1], 3, i)
+    entries = [VideoEntry(video_id=f"ucf/v{i:02d}", path=str(folder), label="0", domain="ucf", split="train")
+               for i, folder in enumerate(folders)]
+    features = {"name": "resnet101", "channels": CHANNELS}
+
+    def sources(kill_at: int | None) -> list[importers.PooledSource]:
+        return [importers.PooledSource(entry, partial(load_or_kill_the_worker, folder, i == kill_at))
+                for i, (entry, folder) in enumerate(zip(entries, folders))]
+
+    out = tmp_path / "store"
+    with pytest.raises(StoreError, match="an import worker process died.*run the same command again"):
+        importers.import_pooled(sources(kill_at=0), out, "zarr", "rgb", features, {}, jobs=2, processes=True)
+    with FeatureStore.open(out) as store:
+        survived = set(store.videos())  # the other worker's part, if it committed before the pool was shut down
+        assert survived <= {entry.video_id for entry in entries[6:]}
+    summary = importers.import_pooled(sources(kill_at=None), out, "zarr", "rgb", features, {}, jobs=2,
+                                      processes=True)
+    assert summary.skipped == len(survived) and summary.imported == 12 - len(survived) and not summary.failures
+    clean = tmp_path / "clean"
+    importers.import_pooled(sources(kill_at=None), clean, "zarr", "rgb", features, {}, jobs=1, processes=False)
+    with FeatureStore.open(out) as resumed, FeatureStore.open(clean) as once:
+        assert not list((out / "parts").glob(".tmp-*"))  # the killed worker's part was never committed
+        assert resumed.verify() == []
+        assert store_identity(resumed, ("rgb",))["features_sha256"] == store_identity(once, ("rgb",))["features_sha256"]
 
 
 # EPIC_100_uda_source_train.pkl-style annotations, pickled by pandas 2.2.3 (protocol 5), narration_id as the index:

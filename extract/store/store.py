@@ -458,20 +458,21 @@ class FeatureStore:
                 digests.unlink()  # written by a run killed just before it committed its part
         return handle
 
-    def next_part_name(self, tag: str) -> str:
-        """The name the next committed part tagged ``tag`` takes: part-<tag>-<number><suffix>."""
+    def next_part_name(self, tag: str, ahead: int = 0) -> str:
+        """The name the next committed part tagged ``tag`` takes, part-<tag>-<number><suffix>, or with ``ahead``
+        the one that many parts after it (an import's workers write parts named in advance)."""
         taken = [int(p.name[len(f"part-{tag}-"):][:6]) for p in (self.root / "parts").glob(f"part-{tag}-*")]
-        return f"part-{tag}-{max(taken, default=-1) + 1:06d}{self.suffix}"
+        return f"part-{tag}-{max(taken, default=-1) + 1 + ahead:06d}{self.suffix}"
 
     def annotate(self, **entries) -> None:
         """Record ``entries`` in store.json (e.g. which stores a merge made this one from)."""
         self._update_meta(lambda meta: meta.update(entries))
 
     def new_part(self, tag: str, stream: str, dtype: str, channels: int, part_info: dict,
-                 shard_steps: int = 64, writer_threads: int = 1) -> PartWriter:
-        """A writer for the next part tagged ``tag`` (hold ``lock(tag)`` while writing); ``writer_threads`` > 1
-        compresses its chunks in that many threads (hdf5_part.py, zarr_part.py)."""
-        name = self.next_part_name(tag)
+                 shard_steps: int = 64, writer_threads: int = 1, name: str | None = None) -> PartWriter:
+        """A writer for the next part tagged ``tag``, or for the part ``name`` (hold ``lock(tag)`` while writing);
+        ``writer_threads`` > 1 compresses its chunks in that many threads (hdf5_part.py, zarr_part.py)."""
+        name = name or self.next_part_name(tag)
         tmp = self.root / "parts" / f".tmp-{name}"
         return PartWriter(self._writer_cls(tmp, shard_steps, writer_threads), tmp, self.root / "parts" / name, stream,
                           self.map_shape(stream), channels, dtype, shard_steps, part_info)

@@ -39,31 +39,33 @@ class ZarrPartWriter:
 
     def __init__(self, path: Path, shard_steps: int, threads: int = 1) -> None:
         self.group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+        self.arrays: dict[str, zarr.Array] = {}  # kept: a lookup re-reads the array's zarr.json
         self.shard_steps = shard_steps
         self.codec_threads = ({"codec_pipeline.batch_size": shard_steps, "threading.max_workers": threads}
                               if threads > 1 else {})
 
     def create(self, stream: str, name: str, row_shape: tuple[int, ...], dtype: str, chunk_steps: int) -> None:
         """An empty array of rows ``row_shape``; ``chunk_steps`` must divide ``shard_steps``."""
-        self.group.create_array(
+        self.arrays[f"{stream}/{name}"] = self.group.create_array(
             f"{stream}/{name}", shape=(0, *row_shape), dtype=dtype, chunks=(chunk_steps, *row_shape),
             shards=(self.shard_steps, *row_shape), compressors=COMPRESSORS, fill_value=0,
             dimension_names=("step", *("y", "x", "channel")[-len(row_shape):]))
 
     def write(self, stream: str, name: str, start: int, rows: np.ndarray) -> None:
         """Write ``rows`` at ``start``; callers pass shard-aligned whole shards except for the last one."""
-        array = self.group[f"{stream}/{name}"]
+        array = self.arrays[f"{stream}/{name}"]
         end = start + len(rows)
         if array.shape[0] < end:
-            array.resize((end, *array.shape[1:]))
+            # Grown by doubling, as each resize rewrites zarr.json (~1 ms); truncate() sets the length at commit.
+            array.resize((max(end, 2 * array.shape[0]), *array.shape[1:]))
         with zarr.config.set(self.codec_threads):
             array[start:end] = rows
 
     def read_back(self, stream: str, name: str, start: int, stop: int) -> np.ndarray:
-        return self.group[f"{stream}/{name}"][start:stop]
+        return self.arrays[f"{stream}/{name}"][start:stop]
 
     def truncate(self, stream: str, name: str, length: int) -> None:
-        array = self.group[f"{stream}/{name}"]
+        array = self.arrays[f"{stream}/{name}"]
         array.resize((length, *array.shape[1:]))
 
     def finish(self, table: dict) -> None:
