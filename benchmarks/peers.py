@@ -42,14 +42,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
-import math
-import os
-import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,12 +55,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts benchmarks/ first on the path; the repository root takes its place (as extract.py).
-sys.path[0] = str(REPO)
-RUNNERS = Path(__file__).resolve().parent / "peers"
+from children import (RUNNERS, Usage, checked, load_average, machine_line, measured_checkout, median, peer_commit,
+                      peer_env, run_child, say, table, vidshift, vidshift_env)
+from peers_extract import bench_extract
 
-VIDSHIFT = "import sys; from pipelines.cli import main; sys.exit(main())"
 CLASSES = ["climb", "fencing", "golf", "kick_ball", "pullup", "punch", "pushup", "ride_bike", "ride_horse",
            "shoot_ball", "shoot_bow", "walk"]  # TA3N's data/classInd_hmdb_ucf.txt
 # UCF-HMDB_full (TA3N): (vidshift domain, TA3N dataset name, split, videos)
@@ -76,118 +69,6 @@ CHANNELS = 2048
 EPOCH_LINE = re.compile(r"epoch (\d+) \((\d+(?:\.\d+)?)s\)")
 FEATURES_LINE = re.compile(r"features \d+ of \d+ sets[^\n]*")
 MIB = re.compile(r"\((\d+(?:\.\d+)?) MiB")
-
-
-# ---------------------------------------------------------------------------------------------- child processes
-
-@dataclass
-class Usage:
-    """What one child process (and the children it waited for) cost."""
-    wall: float
-    user: float
-    sys: float
-    minflt: int
-    maxrss_mb: float
-    rc: int
-
-    def cells(self) -> list[str]:
-        return [f"{self.wall:.1f}", f"{self.user:.1f}", f"{self.sys:.1f}", f"{self.minflt / 1e6:.2f}",
-                f"{self.maxrss_mb:.0f}"]
-
-
-def run_child(command: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> Usage:
-    """Run ``command`` to completion with stdout and stderr to ``log``; its resource usage from wait4."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return Usage(wall, usage.ru_utime, usage.ru_stime, usage.ru_minflt, usage.ru_maxrss / 1024, child.returncode)
-
-
-def checked(usage: Usage, what: str, log: Path) -> Usage:
-    if usage.rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SystemExit(f"{what} exited {usage.rc}; the end of {log}:\n{tail}")
-    return usage
-
-
-def vidshift_env(threads: int | None = None) -> dict:
-    """This checkout first on the path; the repository's venv is the interpreter running this script."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
-def peer_env(args: argparse.Namespace, work: Path, threads: int | None = None) -> dict:
-    """The peers' packages on PYTHONPATH (only theirs: never this repository's), bytecode kept out of the checkouts."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if args.peer_pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in args.peer_pythonpath)
-    env["PYTHONPYCACHEPREFIX"] = str(work / "peer-pycache")
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
-def vidshift(*arguments: str) -> list[str]:
-    return [sys.executable, "-c", VIDSHIFT, *map(str, arguments)]
-
-
-def measured_checkout() -> str:
-    """The vidshift code the children import, and its git commit (with '+changes' for a dirty work tree)."""
-    where = subprocess.run([sys.executable, "-c", "import pipelines, os; print(os.path.dirname(os.path.dirname("
-                            "os.path.abspath(pipelines.__file__))))"], env=vidshift_env(), capture_output=True,
-                           text=True).stdout.strip()
-    commit = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
-    return f"{where} at {commit}{' +changes' if dirty else ''}"
-
-
-def peer_commit(path: Path) -> str:
-    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    return commit or "not a git checkout"
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    memory = ""
-    if Path("/proc/meminfo").is_file():
-        total = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
-        memory = f", {total / 2**20:.0f} GiB RAM"
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} CPUs{memory}{gpu}; torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
-
-
-def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {load_average()}] {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------- TA3N tree
@@ -431,112 +312,6 @@ def bench_ta3n(args, work: Path) -> tuple[list[str], list[str]]:
                                          for c in cases[2:] if c.notes)]
     blocks = [table([cols, *import_rows]), table(epoch_rows), table(ratio_rows), "\n".join(memory_lines)]
     return header, blocks
-
-
-# --------------------------------------------------------------------------------------------------- extraction
-
-def load_extract_module():
-    spec = importlib.util.spec_from_file_location("vidshift_bench_extract", REPO / "benchmarks" / "extract.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def seeded_resnet50(path: Path) -> str:
-    import hashlib
-    import torchvision
-    torch.manual_seed(0)
-    state = torchvision.models.resnet50(weights=None).state_dict()
-    torch.save(state, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
-
-def bench_extract(args, work: Path) -> tuple[list[str], list[str]]:
-    if not (args.video_features / "main.py").is_file():
-        raise SystemExit(f"--video-features {args.video_features}: no main.py; give a checkout of "
-                         f"v-iashin/video_features")
-    data = work / "videos"
-    manifest = load_extract_module().write_test_videos(data, args.videos, args.frames_per_video, 320, 240)
-    videos = sorted((data / "videos").glob("*.mp4"))
-    frames = args.videos * args.frames_per_video
-    (work / "video_paths.txt").write_text("".join(f"{v}\n" for v in videos))
-    weights = work / "resnet50-seed0.pt"
-    digest = seeded_resnet50(weights)
-    batch, workers = args.tuned.split("/")
-    configs = [("video_features (batch 1)", None), ("vidshift extract, defaults", []),
-               (f"vidshift extract --batch-size {batch} --workers {workers}",
-                ["--batch-size", batch, "--workers", workers])]
-    from extract.backbones import cpu_has_native_bf16
-    if cpu_has_native_bf16():   # AVX512-BF16 / AMX: bf16 convolutions are native, so offered (and measured)
-        configs.append(("vidshift extract --precision bf16", ["--precision", "bf16"]))
-    usages: dict[str, list[Usage]] = {label: [] for label, _ in configs}
-    outputs = {}
-    for r in range(args.rounds):
-        for index, (label, extra) in enumerate(configs):
-            say(f"round {r + 1}/{args.rounds}: {label} on {frames} frames ...")
-            if extra is None:
-                out = work / f"vf-out-r{r}"
-                shutil.rmtree(out, ignore_errors=True)
-                command = [sys.executable, str(RUNNERS / "run_video_features.py"), str(args.video_features),
-                           str(weights), "--threads", "1", "--", "feature_type=resnet", "model_name=resnet50",
-                           "device=cpu", "on_extraction=save_numpy", f"output_path={out}",
-                           f"tmp_path={work / f'vf-tmp-r{r}'}", f"file_with_video_paths={work / 'video_paths.txt'}"]
-                log = work / f"vf-r{r}.log"
-                usage = checked(run_child(command, log, peer_env(args, work, threads=1)), "video_features", log)
-                outputs["video_features"] = out / "resnet" / "resnet50"
-                if not list(outputs["video_features"].glob("*_resnet.npy")):
-                    raise SystemExit(f"video_features wrote no features; see {log}")
-            else:
-                store = work / f"vidshift-{index}-r{r}.zarr"
-                shutil.rmtree(store, ignore_errors=True)
-                log = work / f"{store.name}.log"
-                command = vidshift("extract", manifest, "--out", store, "--backbone", "resnet50", "--weights",
-                                   weights, "--sampling", "all", "--device", "cpu", *extra)
-                usage = checked(run_child(command, log, vidshift_env(threads=1)), f"vidshift extract ({label})", log)
-                outputs[label] = store
-            usages[label].append(usage)
-
-    rows = [["run", "frames/s", "wall s", "user s", "sys s", "minor faults M", "max RSS MB", "rounds (wall s)"]]
-    for label, _ in configs:
-        u = sorted(usages[label], key=lambda x: x.wall)[(len(usages[label]) - 1) // 2]
-        walls = [x.wall for x in usages[label]]
-        rate = frames / median(walls)
-        rows.append([label, f"{rate:.2f}", *u.cells(), " ".join(f"{w:.1f}" for w in walls)])
-    vf_rate = float(rows[1][1])
-    ratio_rows = [["vidshift run", "frames/s", "vs video_features"]]
-    for row in rows[2:]:
-        ratio_rows.append([row[0], row[1], f"{float(row[1]) / vf_rate:.2f}x"])
-    header = [f"extraction: {args.videos} H.264 videos x {args.frames_per_video} frames, 320x240 (benchmarks/extract.py's "
-              f"panning scene), {frames} frames; ResNet-50 torch.manual_seed(0) state dict ({digest}...), CPU, "
-              f"OMP_NUM_THREADS=MKL_NUM_THREADS=1; every frame; {args.rounds} round(s), median wall clock"]
-    notes = "".join(
-        f"- equivalence (video_features vs `pooled` of {label}, {frames} frames): smallest cosine {cosine:.6f}, "
-        f"largest |difference| {max_diff:.2e} on values up to {peak:.1f}\n"
-        for label, _ in configs[1:]
-        for cosine, max_diff, peak in [equivalence(outputs["video_features"], outputs[label], videos)])
-    notes += ("- vidshift also writes the 7x7x2048 maps (float16) besides the pooled vectors; video_features keeps "
-              "only the [T, 2048] vectors (.npy)")
-    return header, [table(rows), table(ratio_rows), notes]
-
-
-def equivalence(vf_dir: Path, store_path: Path, videos: list[Path]) -> tuple[float, float, float]:
-    from extract.store import FeatureStore
-    store = FeatureStore.open(store_path)
-    ids = {Path(record.video_id).name: vid for vid, record in store.videos().items()}
-    cosines, diffs, peaks = [], [], []
-    for video in videos:
-        theirs = np.load(vf_dir / f"{video.stem}_resnet.npy").astype(np.float32)
-        ours = np.asarray(store.read(ids[video.stem], "pooled"), dtype=np.float32)
-        if theirs.shape != ours.shape:
-            raise SystemExit(f"{video.name}: video_features gave {theirs.shape}, vidshift {ours.shape}: the frame "
-                             f"sampling differs")
-        dot = (theirs * ours).sum(1) / (np.linalg.norm(theirs, axis=1) * np.linalg.norm(ours, axis=1))
-        cosines.append(float(dot.min()))
-        diffs.append(float(np.abs(theirs - ours).max()))
-        peaks.append(float(np.abs(theirs).max()))
-    store.close()
-    return min(cosines), max(diffs), max(peaks)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
