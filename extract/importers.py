@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Sequence
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -264,6 +263,8 @@ def export_store(store: FeatureStore, out: Path, fmt: str, stream: str) -> int:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for record in videos.values() for key in record.attrs))
+    if fmt == "hdf5":
+        import h5py  # imported here: the CLI imports this module, and an extraction into zarr never needs h5py
     with open(out / "index.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["video_id", "file", "n_steps", *columns])

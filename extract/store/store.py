@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ from typing import TextIO
 
 import numpy as np
 
-from . import hdf5_part, zarr_part
 from .location import FsspecFiles, LocalFiles, open_location
 from .part_writer import DIGESTS_SUFFIX, PartWriter, VideoHasher, digests_path
 
@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 FORMAT = "vidshift-feature-store"
 FORMAT_VERSION = 2          # 2: store.json and index.json carry their sha256, parts a sidecar of file digests
 READABLE_VERSIONS = (1, 2)  # version 1 stores read as before, without those checks
-BACKENDS = {"zarr": (zarr_part.SUFFIX, zarr_part.ZarrPartWriter, zarr_part.ZarrPartReader),
-            "hdf5": (hdf5_part.SUFFIX, hdf5_part.Hdf5PartWriter, hdf5_part.Hdf5PartReader)}
+# backend -> (module, writer class, reader class); the module is imported on first use (backend()), so a process
+# that only uses one backend does not load the other's libraries (zarr, or h5py and hdf5plugin: 8 and 16 MB).
+BACKENDS = {"zarr": ("zarr_part", "ZarrPartWriter", "ZarrPartReader"),
+            "hdf5": ("hdf5_part", "Hdf5PartWriter", "Hdf5PartReader")}
 DEFAULT_STREAM = "rgb"
 VERIFY_BLOCK_STEPS = 256  # bounded memory when re-reading long videos
 COALESCE_BYTES = 256 * 2**10  # read the rows between two wanted steps when they are fewer bytes than this
@@ -55,6 +57,13 @@ REEXTRACT = (f"delete the part and its {DIGESTS_SUFFIX} file, then rerun the ext
 
 class StoreError(RuntimeError):
     """A store is missing, malformed, locked or incompatible; the message says what to do."""
+
+
+def backend(name: str) -> tuple[str, type, type]:
+    """(part suffix, writer class, reader class) of the backend ``name`` (a key of BACKENDS), imported here."""
+    module_name, writer, reader = BACKENDS[name]
+    module = importlib.import_module(f".{module_name}", __package__)
+    return module.SUFFIX, getattr(module, writer), getattr(module, reader)
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,7 @@ class FeatureStore:
             raise StoreError(f"{self.root / 'store.json'}: damaged (no valid backend or streams entry); restore "
                              f"store.json from a copy of the store")
         self.backend = meta["backend"]
-        self.suffix, self._writer_cls, self._reader_cls = BACKENDS[self.backend]
+        self.suffix, self._writer_cls, self._reader_cls = backend(self.backend)
         self._index: dict | None = None
         self._readers: dict[str, object] = {}
 
