@@ -99,8 +99,10 @@ class PartWriter:
             self.pending[name] = [rows[count:].copy()]  # a copy: a view would keep the whole shard's rows alive
         self.flushed += count
         # zarr encodes and assembles a shard in its own threads, whose heaps the network's allocations never reuse:
-        # without a trim each shard leaves ~30 MB resident (extract/heap.py).
-        trim_heap()
+        # without a trim each shard of maps leaves ~30 MB resident (extract/heap.py). A pooled-only part (an import)
+        # flushes 0.5 MB shards, where trimming each one cost more in page faults than it freed (2x the import time).
+        if self.map_shape is not None:
+            trim_heap()
 
     def _rewind(self, offset: int) -> None:
         """Forget rows from ``offset`` on (a failed video). Re-buffers the partial shard before it if needed."""
