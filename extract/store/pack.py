@@ -28,7 +28,8 @@ from pathlib import Path
 from .card import store_card
 from .location import PACK_SUFFIXES, HashingReader
 from .part_writer import DIGESTS_SUFFIX
-from .store import FeatureStore, StoreError, _checked_json_text
+from .checked_json import checked_json_text
+from .store import FeatureStore, StoreError
 
 PACK_FOR_BACKEND = {"zarr": ".zip", "hdf5": ".tar"}
 
@@ -58,7 +59,7 @@ def _pack_into(store: FeatureStore, archive) -> int:
     index = store.index()  # fresh: rebuilt from the parts if index.json is stale
     card = store.files.read_bytes("README.md") or store_card(store).encode()
     metadata = {"store.json": store.files.read_bytes("store.json"),
-                "index.json": _checked_json_text(index).encode(), "README.md": card}
+                "index.json": checked_json_text(index).encode(), "README.md": card}
     for name, data in metadata.items():
         archive.add(name, io.BytesIO(data), len(data))
     count = len(metadata)

@@ -29,7 +29,8 @@ import numpy as np
 
 from .location import HashingReader
 from .part_writer import PartWriter, digests_path, file_digests, write_digests
-from .store import VERIFY_BLOCK_STEPS, FeatureStore, StoreError, _digest, feature_differences
+from .checked_json import digest
+from .store import VERIFY_BLOCK_STEPS, FeatureStore, StoreError, feature_differences
 
 PART_NAME = re.compile(r"part-(?P<tag>.+)-\d{6}\.(zarr|h5)$")
 
@@ -201,7 +202,7 @@ def _create(sources: list[FeatureStore], out: Path, operation: str) -> FeatureSt
         store = FeatureStore.create_or_open(out, first.backend, stream, first.provenance(stream))
     layouts = {source.meta.get("shard_count") or source._shard_count_of_parts() for source in sources}
     store.annotate(derived_from={"operation": operation, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "sources": [{"store": str(s.root), "store_json_sha256": _digest(s.meta)}
+                                 "sources": [{"store": str(s.root), "store_json_sha256": digest(s.meta)}
                                              for s in sources]},
                    **({"shard_count": layouts.pop()} if len(layouts) == 1 and None not in layouts else {}))
     return store

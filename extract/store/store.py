@@ -17,7 +17,6 @@ directories are written.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib
 import json
 import logging
@@ -31,8 +30,9 @@ from typing import TextIO
 
 import numpy as np
 
+from .checked_json import NO_CHECKSUM, checked_json_text, parse_checked_json, write_checked_json
 from .location import FsspecFiles, LocalFiles, open_location
-from .part_writer import DIGESTS_SUFFIX, PartWriter, VideoHasher, digests_path
+from .part_writer import DIGESTS_SUFFIX, PartWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ BULK_READ_BYTES = 64 * 2**20  # one backend call of read_videos: few calls (zarr
 # What zarr, numcodecs and h5py raise on damaged files, by the kind of damage (a failed checksum, a broken
 # metadata document, a truncated file...); read errors of these types are reported as a damaged store.
 BACKEND_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
-NO_CHECKSUM = "has no checksum"
 REEXTRACT = (f"delete the part and its {DIGESTS_SUFFIX} file, then rerun the extraction, which extracts its videos "
              f"again")
 
@@ -77,46 +76,12 @@ class VideoRecord:
     attrs: dict
 
 
-def _digest(payload: dict) -> str:
-    """sha256 of the canonical JSON of ``payload``: one changed byte in a value or key changes it."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _checked_json_text(payload: dict) -> str:
-    return json.dumps({**payload, "sha256": _digest(payload)}, indent=1, sort_keys=True)
-
-
-def _parse_checked_json(text: bytes) -> tuple[dict | None, str | None]:
-    """(payload, None) for a JSON object whose embedded sha256 matches; else (payload or None, the problem)."""
-    try:
-        data = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, f"damaged, not valid JSON ({error})"
-    if not isinstance(data, dict):
-        return None, f"damaged, a JSON {type(data).__name__} where an object belongs"
-    digest = data.pop("sha256", None)
-    if digest is None:
-        return data, NO_CHECKSUM
-    if digest != _digest(data):
-        return data, "damaged: its checksum does not match its content (changed since it was written)"
-    return data, None
-
-
 def _read_meta(text: bytes) -> tuple[dict | None, str | None]:
     """store.json as ``_parse_checked_json`` reads it; version 1 stores were written without a checksum."""
-    meta, problem = _parse_checked_json(text)
+    meta, problem = parse_checked_json(text)
     if meta is not None and meta.get("format_version") == 1 and problem == NO_CHECKSUM:
         return meta, None
     return meta, problem
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(_checked_json_text(payload))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only when writing failed
 
 
 def feature_differences(ours: dict, theirs: dict, our_name: str, their_name: str) -> list[str]:
@@ -179,7 +144,7 @@ class FeatureStore:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "streams": {stream: provenance}}
         tmp = root / f".store.json.{os.getpid()}.tmp"
         try:
-            tmp.write_text(_checked_json_text(meta))
+            tmp.write_text(checked_json_text(meta))
             os.link(tmp, root / "store.json")  # create-if-absent, atomic even between concurrent runs
         except FileExistsError:
             pass
@@ -231,7 +196,7 @@ class FeatureStore:
             change(meta)
             if json.dumps(meta, sort_keys=True) != before or meta["format_version"] != FORMAT_VERSION:
                 meta["format_version"] = FORMAT_VERSION
-                _write_json_atomic(self.root / "store.json", meta)
+                write_checked_json(self.root / "store.json", meta)
         self.meta = meta
 
     def _check_compatible(self, stream: str, provenance: dict) -> None:
@@ -319,7 +284,7 @@ class FeatureStore:
         text = self.files.read_bytes("index.json")
         if text is None:
             return None, "missing"
-        index, problem = _parse_checked_json(text)
+        index, problem = parse_checked_json(text)
         return (None, problem) if problem else (index, None)
 
     def rebuild_index(self) -> dict:
@@ -340,7 +305,7 @@ class FeatureStore:
                               for stream, rows in failures.items()}}
         if self.files.writable:
             try:
-                _write_json_atomic(self.root / "index.json", index)
+                write_checked_json(self.root / "index.json", index)
             except OSError:
                 pass  # a read-only copy of a store still works; it just rebuilds the index in memory
         self._index = index
@@ -488,52 +453,9 @@ class FeatureStore:
 
     # ---- integrity -----------------------------------------------------------------------------------
     def verify(self, progress: Callable[[], None] | None = None) -> list[str]:
-        """Check everything that can change on disk; return one line per problem, naming the video where a
-        video is affected and the file otherwise. ``progress()`` is called after each video.
-
-        store.json and index.json are checked against their embedded sha256 (a damaged index is rebuilt);
-        every part's video table is read, every chunk re-read (each has a checksum) and every video's content
-        hash recomputed; a part whose videos all read back intact is still compared with the digests of its
-        files taken at commit, which catches a changed byte in metadata or unused space.
-        """
-        problems = []
-        if self.meta_problem:
-            problems.append(f"store.json: {self.meta_problem}; its provenance cannot be trusted: restore store.json "
-                            f"from a copy of the store")
-        index, index_problem = self._index_on_disk()
-        if index_problem not in (None, "missing"):
-            try:
-                self.rebuild_index()
-                repair = "rebuilt it from the parts, nothing was lost"
-            except StoreError:
-                repair = "cannot rebuild it while a part's video table is unreadable (see below)"
-            problems.append(f"index.json: {index_problem}; {repair}")
-        seen = {}
-        for part in self.part_names():
-            try:
-                table = self._reader(part).table()
-            except BACKEND_READ_ERRORS as error:  # a damaged part must not hide the others' problems
-                problems.append(f"part {part}: video table unreadable ({type(error).__name__}: {error}); "
-                                f"{_videos_of(index, part)}; {REEXTRACT}")
-                continue
-            part_problems = []
-            for row in table["videos"]:
-                key = (table["stream"], row["video_id"])
-                if key in seen:
-                    problems.append(f"video {row['video_id']}: stored twice ({seen[key]} and {part})")
-                seen[key] = part
-                part_problems += self._verify_video(part, table["stream"], row)
-                if progress:
-                    progress()
-            changed = self._changed_files(part)
-            if changed and not part_problems:
-                videos = ", ".join(row["video_id"] for row in table["videos"])
-                part_problems.append(
-                    f"part {part}: {', '.join(changed)} differs from the digest recorded at commit in "
-                    f"{digests_path(Path(part)).name} (one of the two changed since); every video's data still reads "
-                    f"back intact ({videos}), but to be safe {REEXTRACT}")
-            problems += part_problems
-        return problems
+        """Check everything that can change on disk; one line per problem (extract/store/verify.py)."""
+        from .verify import verify_store  # verify.py reads the store through this class
+        return verify_store(self, progress)
 
     def recorded_digests(self, part: str) -> dict[str, str] | None:
         """The sha256 of each file of a part as recorded at commit; None for parts written before digests.
@@ -546,33 +468,6 @@ class FeatureStore:
             raise ValueError(f"{part}{DIGESTS_SUFFIX} is not a JSON object")
         return recorded
 
-    def _changed_files(self, part: str) -> list[str]:
-        """Files of a part whose sha256 differs from the one recorded at commit ([] for parts without digests)."""
-        try:
-            recorded = self.recorded_digests(part)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            return [f"{part}{DIGESTS_SUFFIX}"]
-        if recorded is None:
-            return []  # written by a vidshift that recorded no file digests
-        actual = self.files.file_digests(part, recorded)
-        return [f"{part}/{name}" if name != "." else part
-                for name in sorted(recorded.keys() | actual.keys()) if recorded.get(name) != actual.get(name)]
-
-    def _verify_video(self, part: str, stream: str, row: dict) -> list[str]:
-        reader, hasher = self._reader(part), VideoHasher()
-        try:
-            for name in ("maps", "pooled", "steps"):
-                if not reader.has(stream, name):
-                    continue
-                for start in range(0, row["n_steps"], VERIFY_BLOCK_STEPS):
-                    stop = min(start + VERIFY_BLOCK_STEPS, row["n_steps"])
-                    hasher.update(name, reader.read(stream, name, row["offset"] + start, row["offset"] + stop))
-        except BACKEND_READ_ERRORS as error:
-            return [f"video {row['video_id']} ({part}): checksum or read error: {type(error).__name__}: {error}"]
-        if hasher.hexdigest() != row["sha256"]:
-            return [f"video {row['video_id']} ({part}): content hash mismatch (data changed since it was written)"]
-        return []
-
     def disk_bytes(self) -> int:
         """Bytes on disk of the committed parts (with their digest files)."""
         total = 0
@@ -580,11 +475,3 @@ class FeatureStore:
             digests = self.files.read_bytes(f"parts/{name}{DIGESTS_SUFFIX}")
             total += self.files.part_bytes(name) + len(digests or b"")
         return total
-
-
-def _videos_of(index: dict | None, part: str) -> str:
-    """The videos a damaged part held, from an intact index.json."""
-    if index is None:
-        return "its videos are unknown (index.json is missing or damaged too)"
-    videos = sorted(vid for rows in index["videos"].values() for vid, row in rows.items() if row["part"] == part)
-    return f"its videos: {', '.join(videos)}" if videos else "it held no videos"
