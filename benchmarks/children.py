@@ -80,7 +80,10 @@ def peer_env(args: argparse.Namespace, work: Path, threads: int | None = None) -
 
 
 def vidshift(*arguments: str) -> list[str]:
-    return [sys.executable, "-c", VIDSHIFT, *map(str, arguments)]
+    # -P (Python 3.11+): `python -c` would put the working directory first on sys.path, ahead of PYTHONPATH, and
+    # run the code of whichever checkout the benchmark was started in
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *isolated, "-c", VIDSHIFT, *map(str, arguments)]
 
 
 def measured_checkout() -> str:

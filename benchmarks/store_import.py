@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                     children.say(f"round {r + 1}/{args.rounds}: {fmt}, {code}" + (f", --jobs {jobs}" if jobs else ""))
                     env = checkout_env(args.baseline) if code == "baseline" else children.vidshift_env()
                     usage = children.checked(children.run_child(import_command(args.tree, store, fmt, jobs), log, env),
-                                          f"store import ({fmt}, {code})", log)
+                                             f"store import ({fmt}, {code})", log)
                     usages.setdefault((fmt, code, jobs), []).append(usage)
                     digests[fmt].add(features_sha256(store))
     finally:
