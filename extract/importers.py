@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,9 @@ from .weights import safe_load
 
 IMPORT_TAG = "import"
 VIDEOS_PER_PART = 256
-DEFAULT_JOBS = min(8, os.cpu_count() or 1)  # worker processes: loading TA3N's frame files is CPU-bound
+# Worker processes. Twice the cores: a tree of 320k small files is read from the disk while the others load and
+# write (full size on 2 cores: 2 workers 71-89 s, 4 workers 47-61 s; benchmarks/README.md, store_import.py).
+DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 1))
 PROCESS_POOL_MIN_VIDEOS = 16  # below this, forking and joining the workers (~0.05 s) costs more than it saves
 T7_NAME = re.compile(r"^img_(\d+)\.t7$")
 EXPORT_FORMATS = ("npy", "hdf5")
@@ -73,10 +75,10 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
     """Write ``sources`` into the store ``out``; resumes (skips videos already there) like extraction.
 
     ``features`` is the stream's provenance and must hold ``channels``; a video whose loader fails is recorded
-    as a failure in the store and never stops the import. With ``processes`` (loaders that read files), up to
-    ``jobs`` worker processes, one per core at most, each load and write whole parts of their own: nothing but a
-    progress count crosses between processes, and no thread of a worker waits on another's GIL (loader threads
-    beside zarr's event loop made every shard write 5x slower). The videos are cut into parts in list order, so
+    as a failure in the store and never stops the import. With ``processes`` (loaders that read files), ``jobs``
+    worker processes each load and write whole parts of their own: nothing but a progress count crosses between
+    processes, and no thread of a worker waits on another's GIL (loader threads beside zarr's event loop made
+    every shard write 5x slower). The videos are cut into parts in list order, so
     the store holds the same videos, bytes and order for any ``jobs``; only where parts begin depends on it.
     """
     features = {**features, "map_shape": None, "stream": stream}
@@ -86,7 +88,7 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
         present = store.videos(stream)
         todo = [source for source in sources if source.entry.video_id not in present]
         summary.skipped = len(sources) - len(todo)
-        workers = min(jobs, os.cpu_count() or 1) if processes and len(todo) >= PROCESS_POOL_MIN_VIDEOS else 1
+        workers = jobs if processes and len(todo) >= PROCESS_POOL_MIN_VIDEOS else 1
         chunks = _part_chunks(todo, workers)
         tasks = [PartTask(Path(out), store.next_part_name(IMPORT_TAG, ahead=i), stream, features["channels"],
                           {**part_info, "software": provenance["software"]}, chunk) for i, chunk in enumerate(chunks)]

@@ -181,8 +181,8 @@ def store_options(default_stream: str | None):
         command = click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr",
                                show_default=True)(command)
         command = click.option("--jobs", type=click.IntRange(min=1), default=DEFAULT_JOBS, show_default=True,
-                               help="Worker processes, each loading and writing parts of its own (TA3N's files; at most "
-                                    "one per core; 1: in this process).")(command)
+                               help="Worker processes, each loading and writing parts of its own (TA3N's files; default "
+                                    "twice the cores, up to 8; 1: in this process).")(command)
         return click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
                             help="Store directory (created, or extended).")(command)
     return decorate
