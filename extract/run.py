@@ -40,7 +40,7 @@ from .clips import ClipBackbone
 from .decode import FRAME_DIR_FPS, VIDEO_DECODERS, DecodedVideo, DecodeError, DecodeJob, Sampling, prefetch
 from .errors import OUT_OF_SPACE, describe_os_error, error_number
 from .flow import FLOW_METHODS
-from .heap import trim_heap
+from .heap import steady_heap, trim_heap
 from .manifest import VideoEntry, file_sha256, read_manifest
 from .provenance import software_versions
 from .store import BACKENDS, DEFAULT_STREAM, FeatureStore, FeatureValueError, PartSequence, PartWriter, StoreError
@@ -236,6 +236,8 @@ def run_extract(config: ExtractConfig, show_progress: bool = True) -> ExtractSum
     shard_index, shard_count = parse_shard(config.shard)
     entries = read_manifest(config.manifest)[shard_index::shard_count]
     config, backbone = prepare_backbone(config)
+    if backbone.device.type == "cpu":
+        steady_heap()  # no page faults per batch (extract/heap.py)
     provenance = store_provenance(config, backbone)
     tag = f"s{shard_index}of{shard_count}"
     summary = ExtractSummary(store=config.out)

@@ -106,6 +106,24 @@ def test_trim_heap_returns_freed_heap_pages_to_the_system():
     assert freed_mb - trimmed_mb > 100
 
 
+
+@pytest.mark.parametrize("steady", [False, True])
+def test_a_steady_heap_serves_an_activation_sized_block_from_the_heap(steady):
+    """glibc maps a fresh 20 MiB block on its own (its pages fault in anew each time one is allocated); after
+    ``steady_heap`` (blocks up to 32 MiB kept in the heap) the same block lies in the process's [heap]."""
+    in_heap = run_python(f"""
+        import numpy as np
+        from extract.heap import steady_heap
+        if {steady}:
+            assert steady_heap(), "this C library has no mallopt"
+        block = np.ones(20 * 2**20 // 8)
+        address = block.__array_interface__["data"][0]
+        with open("/proc/self/maps") as maps:
+            heap = [line.split()[0] for line in maps if line.rstrip().endswith("[heap]")]
+        print(any(int(low, 16) <= address < int(high, 16) for low, high in (r.split("-") for r in heap)))
+        """).strip()
+    assert in_heap == str(steady)
+
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_trimmed_runs_store_exactly_what_the_backbone_computes(tmp_path, backend):
     """A video longer than a shard (64 steps) is flushed, and the heap trimmed, mid-video; the stored bytes are
