@@ -122,7 +122,7 @@ def test_parallel_import_writes_the_same_store_as_one_loader(ta3n_release, tmp_p
         with FeatureStore.open(out) as store:
             identities.append(store_identity(store, ("rgb",))["features_sha256"])
             failures.append(sorted(f["video_id"] for f in store.failures()))
-            assert [r.video_id for r in sorted(store.videos().values(), key=lambda r: r.offset)] == \
+            assert [r.video_id for r in sorted(store.videos().values(), key=lambda r: (r.part, r.offset))] == \
                 ["ucf/v_Archery_g08_c01", "ucf/v_Fencing_g01_c02", "hmdb/Sword_fencing_f_cm_np1_le_bad_1"]
     assert identities[0] == identities[1] and failures[0] == failures[1] == \
         ["hmdb/bad_dict", "hmdb/bad_object", "hmdb/bad_parameter"]
