@@ -78,8 +78,8 @@ def import_pooled(sources: Sequence[PooledSource], out: Path, backend: str, stre
     as a failure in the store and never stops the import. With ``processes`` (loaders that read files), ``jobs``
     worker processes each load and write whole parts of their own: nothing but a progress count crosses between
     processes, and no thread of a worker waits on another's GIL (loader threads beside zarr's event loop made
-    every shard write 5x slower). The videos are cut into parts in list order, so
-    the store holds the same videos, bytes and order for any ``jobs``; only where parts begin depends on it.
+    every shard write 5x slower). The videos are cut into parts in list order, so the store holds the same
+    videos, bytes and order for any ``jobs``; only where parts begin depends on it.
     """
     features = {**features, "map_shape": None, "stream": stream}
     provenance = {"features": features, "software": software_versions()}
