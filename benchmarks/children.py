@@ -59,10 +59,11 @@ def checked(usage: Usage, what: str, log: Path) -> Usage:
     return usage
 
 
-def vidshift_env(threads: int | None = None) -> dict:
-    """This checkout first on the path; the repository's venv is the interpreter running this script."""
+def vidshift_env(threads: int | None = None, checkout: Path = REPO) -> dict:
+    """``checkout`` (default: this one) first on the path; the repository's venv is the interpreter running this
+    script."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout), *filter(None, [env.get("PYTHONPATH")])])
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env

@@ -13,7 +13,6 @@ run is the only cold one (interleaved rounds, medians). --baseline DIR runs that
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -32,12 +31,6 @@ def import_command(tree: Path, store: Path, store_format: str, jobs: int | None)
              for domain, name, split, _ in peers.tree_sizes(1.0)]
     return children.vidshift("store", "import", "ta3n", tree, *lists, "--classes", tree / "classInd_hmdb_ucf.txt",
                           "--out", store, "--format", store_format, *(["--jobs", str(jobs)] if jobs else []))
-
-
-def checkout_env(checkout: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(checkout)
-    return env
 
 
 def features_sha256(store: Path) -> str:
@@ -80,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                     store, log = work / f"store-{fmt}", work / f"import-{fmt}-{code.replace(' ', '-')}-{jobs}-r{r}.log"
                     shutil.rmtree(store, ignore_errors=True)
                     children.say(f"round {r + 1}/{args.rounds}: {fmt}, {code}" + (f", --jobs {jobs}" if jobs else ""))
-                    env = checkout_env(args.baseline) if code == "baseline" else children.vidshift_env()
+                    env = children.vidshift_env(checkout=args.baseline if code == "baseline" else children.REPO)
                     usage = children.checked(children.run_child(import_command(args.tree, store, fmt, jobs), log, env),
                                              f"store import ({fmt}, {code})", log)
                     usages.setdefault((fmt, code, jobs), []).append(usage)
